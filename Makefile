@@ -1,0 +1,29 @@
+# One command each: `make test`, `make book`. Both create .venv when missing or stale.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.stamp
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv test book lab bench run clean-book
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+book: $(STAMP)
+	$(PY) -m tbkd_lib book --out _build
+	@echo "Book HTML: $(CURDIR)/_build/html/index.html"
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab book/
+
+clean-book:
+	rm -rf _build

@@ -1,0 +1,173 @@
+"""The ``tbkd`` command line. Each sub-command is a thin wrapper over a library function.
+
+Errors raised on purpose (:class:`tbkd_lib.errors.TbkdError`) are printed as one line
+``tbkd: error: <file>: <problem>`` with exit status 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError, TbkdError
+
+__all__ = ["main", "build_parser"]
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _overrides(pairs: Sequence[str] | None) -> dict:
+    """``["epochs=3", "lr=0.001"]`` -> ``{"epochs": 3, "lr": 0.001}`` (values parsed as JSON when possible)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects FIELD=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = _parse_value(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------- data
+def cmd_phantom(args) -> int:
+    from .data import generate_phantoms
+
+    summary = generate_phantoms(args.out, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
+                                shortcut=args.shortcut, progress=not args.quiet)
+    print(f"phantom: wrote {summary['n_images']} images to {args.out} "
+          f"({summary['images_per_s']:.1f} images/s, {summary['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .data import load_records, summarize
+
+    records = load_records(args.data, split=args.split, on_error=args.on_error)
+    if args.json:
+        json.dump([r.to_json() for r in records], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    summary = summarize(records)
+    print(f"{args.data}  split={args.split}  images={summary['n_images']}  boxes={summary['n_boxes']}")
+    print(f"{'class':<10}{'images':>8}{'boxes':>8}")
+    for label, row in summary["per_label"].items():
+        print(f"{label:<10}{row['images']:>8}{row['boxes']:>8}")
+    skipped = getattr(records, "errors", None)
+    if skipped is not None and skipped.skipped:
+        print(skipped.summary())
+    return 0
+
+
+# ----------------------------------------------------------------------------------- training
+def _teacher_config(args):
+    from .presets import get_preset
+    from .config import replace_config
+
+    cfg = get_preset(args.preset).teacher
+    return replace_config(cfg, arch=args.arch, epochs=args.epochs, image_size=args.image_size,
+                          batch_size=args.batch_size, device=args.device, lr=args.lr, seed=args.seed,
+                          progress=False if args.quiet else None, **_overrides(args.set))
+
+
+def cmd_train_teacher(args) -> int:
+    from .train import fit
+
+    cfg = _teacher_config(args)
+    summary = fit(cfg, args.data, Path(args.out) / "teacher", resume=args.resume)
+    print(_one_line("teacher", summary))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .config import replace_config
+    from .distill import distill
+    from .presets import get_preset
+
+    cfg = get_preset(args.preset).student
+    cfg = replace_config(cfg, temperature=args.temperature, alpha=args.alpha, kd=args.kd,
+                         student_arch=args.student_arch, epochs=args.epochs, image_size=args.image_size,
+                         batch_size=args.batch_size, device=args.device, lr=args.lr, seed=args.seed,
+                         progress=False if args.quiet else None, **_overrides(args.set))
+    summary = distill(cfg, args.data, args.teacher, Path(args.out) / "student", resume=args.resume)
+    print(_one_line("student", summary))
+    return 0
+
+
+def _one_line(kind: str, summary: dict) -> str:
+    keys = ("epochs_run", "best_epoch", "best_metric", "auc_tb", "accuracy", "seconds", "img_per_s")
+    parts = [f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary[k]}"
+             for k in keys if summary.get(k) is not None]
+    where = summary.get("run_dir", "")
+    return f"{kind}: " + " ".join(parts) + (f"  -> {where}" if where else "")
+
+
+# ----------------------------------------------------------------------------------- parser
+def _add_train_args(p, default_preset="cpu-quick"):
+    p.add_argument("--data", required=True, help="data-set root (official TBX11K layout, Kaggle layout or phantoms)")
+    p.add_argument("--out", required=True, help="run directory (RUN); this stage writes RUN/<stage>/")
+    p.add_argument("--preset", default=default_preset, help="cpu-quick | paper | smoke (default: %(default)s)")
+    p.add_argument("--arch")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--resume", action="store_true", help="continue from <stage>/last.pt")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any config field (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tbkd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="generate the phantom chest X-ray set in the TBX11K layout")
+    p.add_argument("out")
+    p.add_argument("--n-train", type=int, default=600)
+    p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shortcut", type=float, default=0.0, help="0..1: strength of the planted spurious cue")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("inspect", help="counts per class and boxes, or the records as JSON")
+    p.add_argument("data")
+    p.add_argument("--split", default="trainval")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train-teacher", help="train the teacher on image labels")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser("distill", help="train the student from a teacher checkpoint")
+    _add_train_args(p)
+    p.add_argument("--teacher", required=True, help="teacher checkpoint, e.g. RUN/teacher/best.pt")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--kd", choices=("hinton", "at", "cam"))
+    p.add_argument("--student-arch")
+    p.set_defaults(func=cmd_distill)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TbkdError as exc:
+        print(f"tbkd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tbkd: interrupted", file=sys.stderr)
+        return 130
