@@ -99,6 +99,61 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_localize(args) -> int:
+    from .pipeline import localize_split
+
+    result = localize_split(args.data, args.checkpoint, args.split, args.out, methods=args.method or ["gradcam"],
+                            tau=args.tau, device=args.device, max_images=args.max_images,
+                            on_error=args.on_error)
+    for method, m in result.items():
+        print(f"localize: {method} mIoU={m['miou']:.4f} [{m['miou_ci95'][0]:.4f}, {m['miou_ci95'][1]:.4f}] "
+              f"tau={m['tau']:.3f} n_images={m['n_images']}")
+    print(f"localize: wrote {Path(args.out) / 'localization.json'}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import RunConfig, run_pipeline
+
+    cfg = RunConfig(preset=args.preset, n_train=args.n_train, n_val=args.n_val, phantom_seed=args.seed,
+                    shortcut=args.shortcut, device=args.device, progress=False if args.quiet else None)
+    report = run_pipeline(cfg, data=args.data, out=args.out,
+                          teacher_overrides=_overrides(args.set_teacher),
+                          student_overrides=_overrides(args.set_student),
+                          localize_overrides=_overrides(args.set_localize))
+    base = report["baseline"]["prior"]["miou"]
+    parts = [f"{k} gradcam mIoU={report[k]['localization'].get('gradcam', {}).get('miou', float('nan')):.3f}"
+             for k in ("teacher", "student")]
+    print(f"run: {'; '.join(parts)}; prior baseline mIoU={base:.3f}; "
+          f"total {report['timing']['total']:.0f} s -> {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_images
+
+    result = predict_images(args.checkpoint, args.images, args.out, method=args.method, tau=args.tau,
+                            device=args.device)
+    for p in result["predictions"]:
+        print(f"predict: {p['image']}: {p['predicted']} (p_tb={p['p_tb']:.3f}, {len(p['boxes'])} box(es)) "
+              f"-> {p['overlay']}")
+    for e in result["errors"]:
+        print(f"tbkd: error: {e['error']}", file=sys.stderr)
+    return 2 if result["errors"] else 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    devices = args.devices.split(",") if args.devices else None
+    summary = run_sweep(args.notebook, args.grid, args.out, workers=args.workers, devices=devices)
+    print(f"sweep: {len(summary['completed'])} completed, {len(summary['skipped'])} already done, "
+          f"{len(summary['failed'])} failed -> {summary['results_md']}")
+    for cid, err in summary["failed"].items():
+        print(f"sweep: failed {cid}: {err}", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
 def _one_line(kind: str, summary: dict) -> str:
     keys = ("epochs_run", "best_epoch", "best_metric", "auc_tb", "accuracy", "seconds", "img_per_s")
     parts = [f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary[k]}"
@@ -157,6 +212,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-arch")
     p.set_defaults(func=cmd_distill)
 
+    p = sub.add_parser("localize", help="score a checkpoint's attribution maps against the boxes of a split")
+    p.add_argument("--data", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", action="append", help="attribution method (repeatable; default gradcam)")
+    p.add_argument("--tau", default="auto", help="auto (tuned on the other split) | otsu | pNN | FLOAT")
+    p.add_argument("--max-images", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    p.set_defaults(func=cmd_localize)
+
+    p = sub.add_parser("run", help="the whole job: (phantoms) -> teacher -> student -> localization -> report")
+    p.add_argument("--data", help="data-set root; default: generate phantoms into OUT/data")
+    p.add_argument("--out", default="runs/main")
+    p.add_argument("--preset", default="cpu-quick")
+    p.add_argument("--n-train", type=int, default=600)
+    p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0, help="phantom seed")
+    p.add_argument("--shortcut", type=float, default=0.0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--set-teacher", action="append", metavar="FIELD=VALUE")
+    p.add_argument("--set-student", action="append", metavar="FIELD=VALUE")
+    p.add_argument("--set-localize", action="append", metavar="FIELD=VALUE")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("predict", help="probabilities + saliency overlay + boxes for new images")
+    p.add_argument("images", nargs="+", help="PNG / JPEG / DICOM files of any size")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="gradcam")
+    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("sweep", help="run a notebook once per grid combination with papermill")
+    p.add_argument("--notebook", required=True)
+    p.add_argument("--grid", required=True, help="YAML: {param: [values...], fixed: {...}}")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--devices", help="comma-separated CUDA device ids, one worker process per device")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

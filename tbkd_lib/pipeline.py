@@ -1,0 +1,412 @@
+"""The end-to-end job: data → teacher → student → localization of both → ``report.json``/``report.md``.
+
+``run_pipeline(RunConfig(...), data=None, out="runs/main")`` is what ``tbkd run`` and ``make book`` call.
+With ``data=None`` the phantom set is generated first into ``out/data`` (the embedded default).
+
+Stages are resumable: a stage whose ``summary.json`` exists is reused, an interrupted one resumes
+from its ``last.pt``. ``report.json`` layout::
+
+    config, data, timing (seconds per stage), environment,
+    teacher|student: {classification: {accuracy, auc_tb, sensitivity, specificity, *_ci95, …},
+                      localization: {method: {miou, miou_ci95, hit_rate, energy_pointing, tau, n_images, …}}},
+    baseline: {prior: {…same keys…}, centre_box: {…}},
+    shortcut: {teacher: {…}, student: {…}} | null
+
+Scoring protocol (CheXlocalize-style, see ``protocol.py``): the scored split is ``val``; ``tau`` is
+tuned on TB images of the TRAIN split (their boxes are never used for training, only here and for the
+prior baseline), so tuning never reads the scored split.
+"""
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import replace_config
+from .io import read_json, write_json, atomic_write_text
+
+__all__ = ["RunConfig", "run_pipeline", "localization_inputs", "classification_on_split",
+           "write_report_md"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What ``tbkd run`` does. ``preset`` names teacher/student/localize configs (``presets.py``).
+
+    ``n_train``/``n_val``/``phantom_seed``/``shortcut`` only matter when phantoms are generated.
+    ``calibration_images``: at most this many TRAIN TB images tune ``tau`` (all train boxes feed the
+    prior). ``n_overlays``: overlay PNGs written next to the report.
+    """
+
+    preset: str = "cpu-quick"
+    n_train: int = 600
+    n_val: int = 200
+    phantom_seed: int = 0
+    shortcut: float = 0.0
+    calibration_images: int = 64
+    n_overlays: int = 4
+    device: str = "auto"
+    progress: bool | None = None
+
+
+class _Timer:
+    def __init__(self):
+        self.seconds = {}
+
+    def __call__(self, name):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = round(time.perf_counter() - self.t0, 2)
+
+        return _Ctx()
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def localization_inputs(records, image_size: int, max_images: int | None = None, seed: int = 0):
+    """TB images with ≥1 box → ``images float32 (N,1,S,S)``, ``boxes`` list of ``(K,4)`` in S-space,
+    and the records kept (in order). ``max_images`` takes a seeded random subset."""
+    from .data import CXRDataset
+
+    keep = [i for i, r in enumerate(records) if r.label == "tb" and len(r.boxes) > 0]
+    if max_images is not None and len(keep) > max_images:
+        rng = np.random.default_rng(seed)
+        keep = sorted(rng.choice(keep, size=max_images, replace=False).tolist())
+    subset = [records[i] for i in keep]
+    ds = CXRDataset(subset, image_size=image_size, augment=False)
+    items = [ds[i] for i in range(len(ds))]
+    if not items:
+        return torch.zeros(0, 1, image_size, image_size), [], []
+    images = torch.stack([it["image"] for it in items])
+    boxes = [it["boxes"] for it in items]
+    return images, boxes, subset
+
+
+@torch.no_grad()
+def classification_on_split(model, records, image_size: int, scheme: str, device, batch_size: int = 64,
+                            n_boot: int = 1000, seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Classification metrics of ``model`` on ``records`` → ``(metrics, labels (N,), probs (N,C))``."""
+    from .data import CXRDataset, collate
+    from .metrics import classification_metrics
+
+    model.eval()
+    ds = CXRDataset(records, image_size=image_size, scheme=scheme, augment=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    probs, labels = [], []
+    for batch in loader:
+        logits = model(batch["images"].to(device))
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        labels.append(batch["labels"])
+    probs = torch.cat(probs).numpy()
+    labels = torch.cat(labels).numpy()
+    return classification_metrics(labels, probs, scheme=scheme, n_boot=n_boot, seed=seed), labels, probs
+
+
+def _stage_done(stage_dir: Path) -> dict | None:
+    path = stage_dir / "summary.json"
+    return read_json(path) if path.exists() else None
+
+
+def _train_stage(kind: str, fn, stage_dir: Path, progress_log) -> dict:
+    """Run a training stage unless finished; resume it when interrupted (``last.pt`` present)."""
+    done = _stage_done(stage_dir)
+    if done is not None:
+        progress_log(f"{kind}: reusing finished run in {stage_dir}")
+        return done
+    resume = (stage_dir / "last.pt").exists()
+    summary = fn(resume)
+    write_json(stage_dir / "summary.json", summary)
+    return summary
+
+
+def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", teacher_overrides=None,
+                 student_overrides=None, localize_overrides=None, log=print) -> dict:
+    """Run every stage (see module doc) and write ``out/report.json``, ``out/report.md``, overlays.
+
+    Returns the report dict. Overrides are dicts of config fields applied on top of the preset.
+    """
+    from .checkpoint import load_model
+    from .data import generate_phantoms, load_records
+    from .distill import distill
+    from .evaluation import evaluate_localization, evaluate_prior_baseline
+    from .locmetrics import prior_map
+    from .presets import get_preset
+    from .train import fit
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timer = _Timer()
+    t_total = time.perf_counter()
+    preset = get_preset(config.preset)
+    common = {"device": config.device, "progress": config.progress}
+    tcfg = replace_config(preset.teacher, **common, **(teacher_overrides or {}))
+    scfg = replace_config(preset.student, **common, **(student_overrides or {}))
+    lcfg = replace_config(preset.localize, **(localize_overrides or {}))
+    device = _resolve_device(config.device)
+
+    # 1. data ------------------------------------------------------------------------------
+    with timer("phantoms"):
+        if data is None:
+            data = out / "data"
+            if not (data / "truth.json").exists():
+                log(f"phantoms: generating {config.n_train}+{config.n_val} images into {data}")
+                generate_phantoms(data, n_train=config.n_train, n_val=config.n_val,
+                                  seed=config.phantom_seed, shortcut=config.shortcut,
+                                  progress=bool(config.progress))
+    data = Path(data)
+    train_records = load_records(data, "train")
+    val_records = load_records(data, "val")
+
+    # 2. teacher, 3. student ------------------------------------------------------------------
+    with timer("teacher"):
+        t_sum = _train_stage("teacher", lambda resume: fit(tcfg, data, out / "teacher", resume=resume),
+                             out / "teacher", log)
+    with timer("student"):
+        s_sum = _train_stage("student", lambda resume: distill(scfg, data, out / "teacher" / "best.pt",
+                                                                out / "student", resume=resume),
+                             out / "student", log)
+
+    # 4. localization ---------------------------------------------------------------------------
+    size = tcfg.image_size
+    val_images, val_boxes, val_tb = localization_inputs(val_records, size, lcfg.max_images, lcfg.seed)
+    cal_images, cal_boxes, _ = localization_inputs(train_records, size, config.calibration_images, lcfg.seed)
+    _, all_train_boxes, _ = localization_inputs(train_records, size)
+    report = {"config": {"run": config, "teacher": tcfg, "student": scfg, "localize": lcfg},
+              "data": {"root": str(data), "n_train": len(train_records), "n_val": len(val_records),
+                       "n_val_tb_scored": len(val_tb), "n_calibration": len(cal_boxes),
+                       "scored_split": "val",
+                       "tau_calibration": f"{len(cal_boxes)} TB images of the train split"}}
+    maps = {}
+    for kind, size_kind in (("teacher", tcfg), ("student", scfg)):
+        with timer(f"localize_{kind}"):
+            model, _ = load_model(out / kind / "best.pt", device=device)
+            model.eval()
+            cls, _, probs = classification_on_split(model, val_records, size_kind.image_size, size_kind.scheme,
+                                                    device, n_boot=lcfg.n_boot, seed=lcfg.seed)
+            loc = {}
+            for method in lcfg.methods:
+                loc[method] = evaluate_localization(
+                    model, (val_images, val_boxes), method, lcfg,
+                    calibration=(cal_images, cal_boxes), device=device)
+                log(f"{kind} {method}: mIoU {loc[method]['miou']:.3f} (tau {loc[method]['tau']:.2f})")
+            report[kind] = {"classification": cls, "localization": loc,
+                            "training": {k: v for k, v in (t_sum if kind == 'teacher' else s_sum).items()
+                                         if isinstance(v, (int, float, str))}}
+            maps[kind] = model
+    with timer("baselines"):
+        prior = prior_map(all_train_boxes, size, size)
+        report["baseline"] = {
+            "prior": evaluate_prior_baseline(prior, val_boxes, lcfg, calibration_boxes=cal_boxes),
+        }
+    report["shortcut"] = _shortcut_figures(maps, data, val_records, size, lcfg, device)
+    with timer("overlays"):
+        report["overlays"] = _write_overlays(maps, val_images, val_boxes, val_tb, out, lcfg, report,
+                                             config.n_overlays, device)
+    timer.seconds["total"] = round(time.perf_counter() - t_total, 2)
+    report["timing"] = timer.seconds
+    report["environment"] = {"torch": torch.__version__, "device": str(device), "python": platform.python_version(),
+                             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    write_json(out / "report.json", report)
+    write_report_md(report, out / "report.md")
+    return report
+
+
+def _shortcut_truth(data: Path, records, size: int):
+    """Per record: (cue present, cue box in S-space or None) from ``truth.json``; None if no cue."""
+    path = Path(data) / "truth.json"
+    if not path.exists():
+        return None
+    images = read_json(path).get("images", {})
+    present, boxes = [], []
+    for r in records:
+        cue = (images.get(r.image) or {}).get("shortcut") or {}
+        present.append(bool(cue.get("present")))
+        box = cue.get("box")
+        boxes.append(None if box is None else [v * size / r.width for v in box])
+    return (present, boxes) if any(present) else None
+
+
+@torch.no_grad()
+def _predict_tb(model, images, device, batch_size=64):
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(model(images[i:i + batch_size].to(device)).argmax(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def _shortcut_figures(models: dict, data: Path, records, size: int, lcfg, device) -> dict | None:
+    """Shortcut reliance on phantoms with a planted cue.
+
+    ``saliency_share_in_cue``: mean share of positive Grad-CAM (target = TB) inside the cue's box, over
+    val images that carry the cue. ``accuracy_cue_disagrees``: TB-vs-rest accuracy on val images whose
+    cue disagrees with the label (cue on a non-TB image, or no cue on a TB image); ``_agrees`` likewise.
+    """
+    from .data import CXRDataset
+    from .data.records import tb_index
+    from .evaluation import compute_saliency
+    from .locmetrics import energy_pointing
+    from .protocol import gt_masks_from_boxes
+
+    truth = _shortcut_truth(data, records, size)
+    if truth is None:
+        return None
+    present, cue_boxes = truth
+    ds = CXRDataset(records, image_size=size, augment=False)
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    is_tb = torch.tensor([r.label == "tb" for r in records])
+    cue = torch.tensor(present)
+    disagree = cue != is_tb
+    with_cue = [i for i, p in enumerate(present) if p]
+    out = {"n_val": len(records), "n_with_cue": len(with_cue), "n_cue_disagrees": int(disagree.sum())}
+    for kind, model in models.items():
+        model.eval()
+        tb = tb_index(model.spec.get("scheme", "3class")) if hasattr(model, "spec") else 2
+        tb = model.spec["num_classes"] - 1 if hasattr(model, "spec") and "num_classes" in model.spec else tb
+        pred_tb = _predict_tb(model, images, device) == tb
+        correct = pred_tb == is_tb
+        sub = images[with_cue]
+        sal = compute_saliency(model, sub.to(device), torch.full((len(sub),), tb, dtype=torch.long),
+                               "gradcam", lcfg).cpu()
+        cue_masks = gt_masks_from_boxes([torch.tensor([cue_boxes[i]]) for i in with_cue], size, size)
+        share = energy_pointing(sal, cue_masks)
+        out[kind] = {
+            "saliency_share_in_cue": float(share.mean()) if len(share) else None,
+            "accuracy_cue_disagrees": float(correct[disagree].float().mean()) if disagree.any() else None,
+            "accuracy_cue_agrees": float(correct[~disagree].float().mean()) if (~disagree).any() else None,
+        }
+    return out
+
+
+def _write_overlays(models: dict, images, boxes, records, out: Path, lcfg, report, n: int, device) -> list[str]:
+    """Side-by-side PNGs: image with boxes, teacher Grad-CAM, student Grad-CAM (tau in the titles)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .evaluation import compute_saliency
+    from .plotting import overlay_saliency, save_figure, set_style, show_image
+    from .protocol import boxes_from_masks, normalize_saliency, threshold
+
+    set_style()
+    paths = []
+    n = min(n, len(images))
+    if n == 0:
+        return paths
+    method = "gradcam" if "gradcam" in lcfg.methods else lcfg.methods[0]
+    sub = images[:n]
+    maps = {}
+    for kind, model in models.items():
+        tb = model.spec["num_classes"] - 1
+        sal = compute_saliency(model, sub.to(device), torch.full((n,), tb, dtype=torch.long), method, lcfg).cpu()
+        maps[kind] = normalize_saliency(sal)
+    for i in range(n):
+        fig, axes = plt.subplots(1, 1 + len(maps), figsize=(4 * (1 + len(maps)), 4.2))
+        show_image(sub[i, 0], boxes[i], title=Path(records[i].image).name, ax=axes[0])
+        for ax, (kind, sal) in zip(axes[1:], maps.items()):
+            tau = report[kind]["localization"][method]["tau"]
+            pred = boxes_from_masks(threshold(sal[i:i + 1], tau))[0]
+            overlay_saliency(sub[i, 0], sal[i], boxes[i], pred, tau=tau, title=f"{kind} {method}", ax=ax)
+        path = out / "overlays" / f"overlay_{i:02d}.png"
+        save_figure(fig, path)
+        paths.append(str(path.relative_to(out)))
+    return paths
+
+
+def _fmt(v, digits=3):
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _ci(pair, digits=3):
+    if not pair or pair[0] is None:
+        return ""
+    return f" [{pair[0]:.{digits}f}, {pair[1]:.{digits}f}]"
+
+
+def write_report_md(report: dict, path) -> None:
+    """``report.md``: classification and localization tables (teacher vs student vs baseline), timing."""
+    lines = ["# tbkd run report", ""]
+    d = report.get("data", {})
+    lines += [f"Data: `{d.get('root')}` — {d.get('n_train')} train / {d.get('n_val')} val images; "
+              f"localization scored on {d.get('n_val_tb_scored')} val TB images with boxes; "
+              f"tau tuned on {d.get('tau_calibration')}.", ""]
+    lines += ["## Classification (val)", "", "| model | accuracy | AUC (TB vs rest) | sensitivity | specificity |",
+              "|---|---|---|---|---|"]
+    for kind in ("teacher", "student"):
+        c = report.get(kind, {}).get("classification", {})
+        lines.append(f"| {kind} | " + " | ".join(
+            _fmt(c.get(k)) + _ci(c.get(f"{k}_ci95")) for k in ("accuracy", "auc_tb", "sensitivity", "specificity")) + " |")
+    lines += ["", "## Localization (val TB images): mIoU = mean over images of IoU(mask at tau, union of boxes)", "",
+              "| model | method | mIoU [95 % CI] | hit rate | energy pointing | tau |", "|---|---|---|---|---|---|"]
+    base = report.get("baseline", {}).get("prior")
+    if base:
+        lines.append(f"| prior-only baseline | box-frequency map | {_fmt(base.get('miou'))}{_ci(base.get('miou_ci95'))} | "
+                     f"{_fmt(base.get('hit_rate'))} | {_fmt(base.get('energy_pointing'))} | {_fmt(base.get('tau'), 2)} |")
+    for kind in ("teacher", "student"):
+        for method, m in report.get(kind, {}).get("localization", {}).items():
+            lines.append(f"| {kind} | {method} | {_fmt(m.get('miou'))}{_ci(m.get('miou_ci95'))} | "
+                         f"{_fmt(m.get('hit_rate'))} | {_fmt(m.get('energy_pointing'))} | {_fmt(m.get('tau'), 2)} |")
+    sc = report.get("shortcut")
+    if sc:
+        lines += ["", "## Shortcut reliance (planted cue)", "",
+                  "| model | saliency share in cue box | accuracy, cue disagrees | accuracy, cue agrees |", "|---|---|---|---|"]
+        for kind in ("teacher", "student"):
+            s = sc.get(kind, {})
+            lines.append(f"| {kind} | {_fmt(s.get('saliency_share_in_cue'))} | {_fmt(s.get('accuracy_cue_disagrees'))} | "
+                         f"{_fmt(s.get('accuracy_cue_agrees'))} |")
+    lines += ["", "## Time per stage (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in report.get("timing", {}).items()]
+    for p in report.get("overlays", []):
+        lines.append(f"\n![overlay]({p})")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def localize_split(data, checkpoint, split: str, out, methods=("gradcam",), tau="auto", device="auto",
+                   max_images=None, on_error="raise") -> dict:
+    """``tbkd localize``: score one checkpoint on one split → ``out/localization.json`` keyed by method.
+
+    ``tau="auto"`` tunes on TB images of the OTHER split (``train`` when scoring ``val``/``test``,
+    else ``val``), never on the scored one. Other ``tau`` specs: ``otsu``, ``pNN``, a float.
+    """
+    from .checkpoint import load_model
+    from .data import load_records
+    from .evaluation import LocalizeConfig, evaluate_localization
+
+    dev = _resolve_device(device)
+    model, ckpt = load_model(checkpoint, device=dev)
+    model.eval()
+    size = int(ckpt.get("config", {}).get("image_size", 224))
+    try:
+        tau_spec = float(tau)
+    except (TypeError, ValueError):
+        tau_spec = tau
+    lcfg = LocalizeConfig(methods=tuple(methods), tau=tau_spec, max_images=max_images)
+    records = load_records(data, split, on_error=on_error)
+    images, boxes, kept = localization_inputs(records, size, max_images, lcfg.seed)
+    calibration = None
+    if tau_spec == "auto":
+        cal_split = "val" if split.endswith("train") else "train"
+        cal_records = load_records(data, split.replace(split.split("_")[-1], cal_split), on_error=on_error)
+        cal_images, cal_boxes, _ = localization_inputs(cal_records, size, 64, lcfg.seed)
+        calibration = (cal_images, cal_boxes)
+    result = {}
+    for method in methods:
+        result[method] = evaluate_localization(model, (images, boxes), method, lcfg, calibration=calibration,
+                                               device=dev)
+        result[method]["split"] = split
+    write_json(Path(out) / "localization.json", result)
+    return result
