@@ -50,8 +50,8 @@ def cmd_inspect(args) -> int:
 
     records = load_records(args.data, split=args.split, on_error=args.on_error)
     if args.json:
-        json.dump([r.to_json() for r in records], sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        rows = [json.dumps(r.to_json()) for r in records]
+        sys.stdout.write("[\n" + ",\n".join(rows) + "\n]\n")
         return 0
     summary = summarize(records)
     print(f"{args.data}  split={args.split}  images={summary['n_images']}  boxes={summary['n_boxes']}")
@@ -266,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TbkdError as exc:
         print(f"tbkd: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `tbkd inspect … --json | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("tbkd: interrupted", file=sys.stderr)
         return 130

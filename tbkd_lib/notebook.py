@@ -3,7 +3,8 @@
 A notebook has the parameters ``smoke``, ``data_dir``, ``run_dir``, ``preset``, ``seed``, ``device``.
 ``context(...)`` resolves them once: ``smoke=True`` shrinks everything (the ``smoke`` preset, a tiny
 phantom set, its own run directory) so that CI and papermill can run every chapter in seconds;
-``data_dir=None`` means ``$TBKD_DATA`` if set, else the embedded phantom set inside the run directory.
+``data_dir=None`` means ``$TBKD_DATA`` if set, else the embedded phantom set inside the run directory;
+``data_dir="phantoms"`` forces the phantom set.
 ``ensure_run(ctx)`` reuses a finished run (``report.json``) or produces the missing stages.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["in_colab", "NotebookContext", "context", "setup", "ensure_run", "SMOKE_SIZES"]
+__all__ = ["in_colab", "NotebookContext", "context", "setup", "ensure_data", "ensure_teacher",
+           "ensure_student", "ensure_run", "stage_configs", "SMOKE_SIZES"]
 
 SMOKE_SIZES = {"n_train": 36, "n_val": 24}
 
@@ -48,7 +50,9 @@ def context(smoke=False, data_dir=None, run_dir=None, preset="cpu-quick", seed=0
     if smoke:
         preset = "smoke"
         default_run_dir = default_run_dir.rstrip("/") + "-smoke"
-    if data_dir is None:
+    if data_dir == "phantoms":  # force the embedded phantom set, whatever $TBKD_DATA says
+        data_dir = None
+    elif data_dir is None:
         data_dir = default_data_dir()
     return NotebookContext(run_dir=Path(run_dir or default_run_dir).resolve(),
                            data_dir=Path(data_dir).expanduser().resolve() if data_dir else None,
@@ -76,16 +80,73 @@ def setup(device="auto", seed=0) -> "object":
 
 def ensure_run(ctx: NotebookContext, teacher_overrides=None, student_overrides=None, localize_overrides=None,
                log=print) -> dict:
-    """The run's ``report.json`` (reused when present and complete, else produced stage by stage)."""
-    from .io import read_json
+    """The run's ``report.json``: reused when it was made with the same teacher/student configs,
+    else produced (finished training stages are reused, see :func:`tbkd_lib.pipeline.run_pipeline`)."""
+    from .io import read_json, to_jsonable
     from .pipeline import RunConfig, run_pipeline
 
+    from .config import replace_config
+    from .presets import get_preset
+
     report = ctx.run_dir / "report.json"
-    if report.exists() and not (teacher_overrides or student_overrides or localize_overrides):
-        log(f"reusing {report}")
-        return read_json(report)
+    if report.exists():
+        saved = read_json(report).get("config", {})
+        wanted = (*stage_configs(ctx, teacher_overrides, student_overrides),
+                  replace_config(get_preset(ctx.preset).localize, **(localize_overrides or {})))
+        same = all(_identity(saved.get(kind, {})) == _identity(to_jsonable(cfg))
+                   for kind, cfg in zip(("teacher", "student", "localize"), wanted))
+        if same:
+            log(f"reusing {report}")
+            return read_json(report)
     sizes = SMOKE_SIZES if ctx.smoke else {}
     cfg = RunConfig(preset=ctx.preset, phantom_seed=ctx.seed, shortcut=ctx.shortcut, device=ctx.device,
                     progress=False, **sizes)
     return run_pipeline(cfg, data=ctx.data_dir, out=ctx.run_dir, teacher_overrides=teacher_overrides,
                         student_overrides=student_overrides, localize_overrides=localize_overrides, log=log)
+
+
+def _identity(cfg: dict) -> dict:
+    """A config without its operational fields (device, progress bars), for "same run?" checks."""
+    return {k: v for k, v in cfg.items() if k not in ("device", "progress", "num_workers", "eval_batch_size")}
+
+
+def ensure_data(ctx: NotebookContext, log=print) -> Path:
+    """The data root: ``ctx.data_dir`` if given, else the phantom set in ``run_dir/data`` (generated once)."""
+    from .data import generate_phantoms
+    from .pipeline import RunConfig
+
+    root = ctx.data_root
+    if ctx.data_dir is None and not (root / "truth.json").exists():
+        sizes = SMOKE_SIZES if ctx.smoke else {"n_train": RunConfig.n_train, "n_val": RunConfig.n_val}
+        log(f"generating phantoms into {root}")
+        generate_phantoms(root, seed=ctx.seed, shortcut=ctx.shortcut, **sizes)
+    return root
+
+
+def stage_configs(ctx: NotebookContext, teacher_overrides=None, student_overrides=None):
+    """The teacher and student configs a run of ``ctx`` uses (the same ones ``tbkd run`` builds)."""
+    from .config import replace_config
+    from .presets import get_preset
+
+    preset = get_preset(ctx.preset)
+    common = {"device": ctx.device, "progress": False}
+    return (replace_config(preset.teacher, **common, **(teacher_overrides or {})),
+            replace_config(preset.student, **common, **(student_overrides or {})))
+
+
+def ensure_teacher(ctx: NotebookContext, **overrides) -> dict:
+    """Train the teacher into ``run_dir/teacher`` unless it is already there; returns its summary."""
+    from .train import fit
+
+    tcfg, _ = stage_configs(ctx, overrides)
+    return fit(tcfg, ensure_data(ctx), ctx.run_dir / "teacher", resume=True)
+
+
+def ensure_student(ctx: NotebookContext, **overrides) -> dict:
+    """Distil the student into ``run_dir/student`` (teacher first if needed); returns its summary."""
+    from .distill import distill
+
+    ensure_teacher(ctx)
+    _, scfg = stage_configs(ctx, None, overrides)
+    return distill(scfg, ensure_data(ctx), ctx.run_dir / "teacher" / "best.pt", ctx.run_dir / "student",
+                   resume=True)

@@ -3,8 +3,8 @@
 ``run_pipeline(RunConfig(...), data=None, out="runs/main")`` is what ``tbkd run`` and ``make book`` call.
 With ``data=None`` the phantom set is generated first into ``out/data`` (the embedded default).
 
-Stages are resumable: a stage whose ``summary.json`` exists is reused, an interrupted one resumes
-from its ``last.pt``. ``report.json`` layout::
+Stages are resumable: a finished training stage is reused, an interrupted one resumes from its
+``last.pt``; a stage directory holding a different configuration is refused. ``report.json`` layout::
 
     config, data, timing (seconds per stage), environment,
     teacher|student: {classification: {accuracy, auc_tb, sensitivity, specificity, *_ci95, …},
@@ -116,23 +116,6 @@ def classification_on_split(model, records, image_size: int, scheme: str, device
     return classification_metrics(labels, probs, scheme=scheme, n_boot=n_boot, seed=seed), labels, probs
 
 
-def _stage_done(stage_dir: Path) -> dict | None:
-    path = stage_dir / "summary.json"
-    return read_json(path) if path.exists() else None
-
-
-def _train_stage(kind: str, fn, stage_dir: Path, progress_log) -> dict:
-    """Run a training stage unless finished; resume it when interrupted (``last.pt`` present)."""
-    done = _stage_done(stage_dir)
-    if done is not None:
-        progress_log(f"{kind}: reusing finished run in {stage_dir}")
-        return done
-    resume = (stage_dir / "last.pt").exists()
-    summary = fn(resume)
-    write_json(stage_dir / "summary.json", summary)
-    return summary
-
-
 def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", teacher_overrides=None,
                  student_overrides=None, localize_overrides=None, log=print) -> dict:
     """Run every stage (see module doc) and write ``out/report.json``, ``out/report.md``, overlays.
@@ -172,13 +155,12 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
     val_records = load_records(data, "val")
 
     # 2. teacher, 3. student ------------------------------------------------------------------
+    # resume=True: a finished stage returns its summary at once, an interrupted one continues from
+    # last.pt, and a stage run with a different configuration is refused (train.py checks config.json).
     with timer("teacher"):
-        t_sum = _train_stage("teacher", lambda resume: fit(tcfg, data, out / "teacher", resume=resume),
-                             out / "teacher", log)
+        t_sum = fit(tcfg, data, out / "teacher", resume=True)
     with timer("student"):
-        s_sum = _train_stage("student", lambda resume: distill(scfg, data, out / "teacher" / "best.pt",
-                                                                out / "student", resume=resume),
-                             out / "student", log)
+        s_sum = distill(scfg, data, out / "teacher" / "best.pt", out / "student", resume=True)
 
     # 4. localization ---------------------------------------------------------------------------
     size = tcfg.image_size
@@ -200,8 +182,8 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
             loc = {}
             for method in lcfg.methods:
                 loc[method] = evaluate_localization(
-                    model, (val_images, val_boxes), method, lcfg,
-                    calibration=(cal_images, cal_boxes), device=device)
+                    model, (val_images.to(device), val_boxes), method, lcfg,
+                    calibration=(cal_images.to(device), cal_boxes))
                 log(f"{kind} {method}: mIoU {loc[method]['miou']:.3f} (tau {loc[method]['tau']:.2f})")
             report[kind] = {"classification": cls, "localization": loc,
                             "training": {k: v for k, v in (t_sum if kind == 'teacher' else s_sum).items()
@@ -256,7 +238,6 @@ def _shortcut_figures(models: dict, data: Path, records, size: int, lcfg, device
     cue disagrees with the label (cue on a non-TB image, or no cue on a TB image); ``_agrees`` likewise.
     """
     from .data import CXRDataset
-    from .data.records import tb_index
     from .evaluation import compute_saliency
     from .locmetrics import energy_pointing
     from .protocol import gt_masks_from_boxes
@@ -274,8 +255,7 @@ def _shortcut_figures(models: dict, data: Path, records, size: int, lcfg, device
     out = {"n_val": len(records), "n_with_cue": len(with_cue), "n_cue_disagrees": int(disagree.sum())}
     for kind, model in models.items():
         model.eval()
-        tb = tb_index(model.spec.get("scheme", "3class")) if hasattr(model, "spec") else 2
-        tb = model.spec["num_classes"] - 1 if hasattr(model, "spec") and "num_classes" in model.spec else tb
+        tb = model.spec["num_classes"] - 1  # TB is always the last logit
         pred_tb = _predict_tb(model, images, device) == tb
         correct = pred_tb == is_tb
         sub = images[with_cue]
@@ -402,11 +382,11 @@ def localize_split(data, checkpoint, split: str, out, methods=("gradcam",), tau=
         cal_split = "val" if split.endswith("train") else "train"
         cal_records = load_records(data, split.replace(split.split("_")[-1], cal_split), on_error=on_error)
         cal_images, cal_boxes, _ = localization_inputs(cal_records, size, 64, lcfg.seed)
-        calibration = (cal_images, cal_boxes)
+        calibration = (cal_images.to(dev), cal_boxes)
     result = {}
     for method in methods:
-        result[method] = evaluate_localization(model, (images, boxes), method, lcfg, calibration=calibration,
-                                               device=dev)
+        result[method] = evaluate_localization(model, (images.to(dev), boxes), method, lcfg,
+                                               calibration=calibration)
         result[method]["split"] = split
     write_json(Path(out) / "localization.json", result)
     return result
