@@ -1,0 +1,138 @@
+"""The `tbkd` command line end to end (small sizes): phantom → inspect round trip, the real sample,
+train/distill/localize/run/predict in the smoke preset, and bad input handled per file."""
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from tbkd_lib.cli import main
+
+
+def tbkd(*args):
+    return subprocess.run([sys.executable, "-m", "tbkd_lib", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "ph"
+    proc = tbkd("phantom", out, "--n-train", 40, "--n-val", 20, "--seed", 3, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 60 images" in proc.stdout
+    return out
+
+
+def test_inspect_json_round_trips_truth(phantoms):
+    proc = tbkd("inspect", phantoms, "--split", "val", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    truth = json.loads((phantoms / "truth.json").read_text())["images"]
+    assert len(rows) == 20
+    n_boxes = 0
+    for row in rows:
+        t = truth[row["image"]]
+        assert row["label"] == t["label"] and t["split"] == "val"
+        assert len(row["boxes"]) == len(t["boxes"]) and row["categories"] == t["categories"]
+        for got, want in zip(row["boxes"], t["boxes"]):
+            assert max(abs(a - b) for a, b in zip(got, want)) <= 1.0
+            n_boxes += 1
+    assert n_boxes > 0
+
+
+def test_inspect_table(phantoms):
+    proc = tbkd("inspect", phantoms, "--split", "trainval")
+    assert proc.returncode == 0
+    assert "images=60" in proc.stdout and "tb" in proc.stdout
+
+
+def test_inspect_real_sample(tbx11k_sample):
+    sample = tbx11k_sample
+    proc = tbkd("inspect", sample, "--split", "trainval", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["image"]: r for r in json.loads(proc.stdout)}
+    assert len(rows) == 30 and all(r["label"] == "tb" for r in rows.values())
+    assert rows["imgs/tb/tb1199.png"]["boxes"] == []
+    # every box: the XML at the original resolution, scaled per axis to 512, minus one
+    for xml in (sample / "annotations" / "xml").glob("*.xml"):
+        root = ET.parse(xml).getroot()
+        w, h = float(root.findtext("size/width")), float(root.findtext("size/height"))
+        want = [[float(o.findtext(f"bndbox/{k}")) * (512 / w if k[0] == "x" else 512 / h) - 1
+                 for k in ("xmin", "ymin", "xmax", "ymax")] for o in root.findall("object")]
+        got = rows[f"imgs/tb/{xml.stem}.png"]["boxes"]
+        assert len(got) == len(want)
+        for g, e in zip(got, want):
+            assert g == pytest.approx(e, abs=1e-3)
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tbkd: error:") and "nowhere" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def smoke_run(phantoms, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    for args in (("train-teacher", "--data", phantoms, "--out", run, "--preset", "smoke", "--quiet"),
+                 ("distill", "--data", phantoms, "--out", run, "--preset", "smoke", "--quiet",
+                  "--teacher", run / "teacher" / "best.pt", "--temperature", 2, "--alpha", 0.5)):
+        proc = tbkd(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1].startswith(args[0].replace("train-", "").replace("distill", "student"))
+    return run
+
+
+def test_train_and_distill_write_run_dirs(smoke_run):
+    for kind in ("teacher", "student"):
+        for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt"):
+            assert (smoke_run / kind / name).exists(), f"{kind}/{name}"
+    cfg = json.loads((smoke_run / "student" / "config.json").read_text())
+    assert cfg["temperature"] == 2 and cfg["alpha"] == 0.5
+
+
+def test_localize_writes_json(smoke_run, phantoms, tmp_path):
+    proc = tbkd("localize", "--data", phantoms, "--checkpoint", smoke_run / "teacher" / "best.pt", "--split", "val",
+                "--out", tmp_path, "--method", "gradcam", "--tau", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    loc = json.loads((tmp_path / "localization.json").read_text())["gradcam"]
+    for key in ("miou", "miou_ci95", "hit_rate", "energy_pointing", "tau", "n_images"):
+        assert key in loc
+    assert loc["tau"] == 0.5 and loc["n_images"] > 0
+
+
+def test_predict_png_dicom_and_bad_file(smoke_run, phantoms, dicom_monochrome1, tmp_path):
+    png = next((phantoms / "imgs" / "tb").glob("*.png"))
+    dcm = dicom_monochrome1
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    out = tmp_path / "pred"
+    proc = tbkd("predict", png, bad, dcm, "--checkpoint", smoke_run / "student" / "best.pt", "--out", out)
+    assert proc.returncode == 2  # one file failed, the others were processed
+    assert "notes.png" in proc.stderr
+    result = json.loads((out / "predictions.json").read_text())
+    assert [p["image"] for p in result["predictions"]] == [str(png), str(dcm)]
+    assert result["errors"][0]["image"] == str(bad)
+    for p in result["predictions"]:
+        assert abs(sum(p["probabilities"].values()) - 1) < 1e-3
+        assert (out / f"{p['image'].rsplit('/', 1)[-1].rsplit('.', 1)[0]}_overlay.png").exists()
+    dicom_pred = result["predictions"][1]
+    assert (dicom_pred["width"], dicom_pred["height"]) in ((1841, 1955), (1955, 1841))
+    assert (out / "predictions.csv").read_text().count("\n") == 3
+
+
+def test_run_smoke_writes_report(tmp_path):
+    proc = tbkd("run", "--out", tmp_path / "run", "--preset", "smoke", "--n-train", 30, "--n-val", 20, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    for kind in ("teacher", "student"):
+        cls = report[kind]["classification"]
+        for key in ("accuracy", "auc_tb", "sensitivity", "specificity"):
+            assert key in cls and f"{key}_ci95" in cls
+        loc = report[kind]["localization"]["gradcam"]
+        for key in ("miou", "miou_ci95", "hit_rate", "energy_pointing", "tau", "n_images"):
+            assert key in loc
+    assert report["baseline"]["prior"]["miou"] is not None
+    assert set(report["timing"]) >= {"phantoms", "teacher", "student", "total"}
+    assert (tmp_path / "run" / "report.md").read_text().startswith("# tbkd run report")
+    assert report["overlays"] and (tmp_path / "run" / report["overlays"][0]).exists()
