@@ -48,7 +48,7 @@ class RunConfig:
     n_val: int = 200
     phantom_seed: int = 0
     shortcut: float = 0.0
-    calibration_images: int = 64
+    calibration_images: int = 32
     n_overlays: int = 4
     device: str = "auto"
     progress: bool | None = None
@@ -72,9 +72,10 @@ class _Timer:
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto`` | ``cpu`` | ``cuda[:N]``; a GPU that is not there is a TbkdError, not a CUDA traceback."""
+    from .distributed import resolve_device
+
+    return resolve_device(name)
 
 
 def localization_inputs(records, image_size: int, max_images: int | None = None, seed: int = 0):
