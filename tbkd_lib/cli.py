@@ -34,6 +34,15 @@ def _overrides(pairs: Sequence[str] | None) -> dict:
     return out
 
 
+def _with_flags(flags: dict, pairs: Sequence[str] | None) -> dict:
+    """Dedicated flags (``--epochs 3``) plus ``--set`` pairs; the same field given both ways must agree."""
+    sets = _overrides(pairs)
+    for key, value in flags.items():
+        if value is not None and key in sets and sets[key] != value:
+            raise ConfigError(f"{key} given twice with different values ({value!r} and --set {key}={sets[key]!r})")
+    return {**flags, **sets}
+
+
 # --------------------------------------------------------------------------------------- data
 def cmd_phantom(args) -> int:
     from .data import generate_phantoms
@@ -70,9 +79,9 @@ def _teacher_config(args):
     from .config import replace_config
 
     cfg = get_preset(args.preset).teacher
-    return replace_config(cfg, arch=args.arch, epochs=args.epochs, image_size=args.image_size,
-                          batch_size=args.batch_size, device=args.device, lr=args.lr, seed=args.seed,
-                          progress=False if args.quiet else None, **_overrides(args.set))
+    return replace_config(cfg, **_with_flags(dict(
+        arch=args.arch, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
+        device=args.device, lr=args.lr, seed=args.seed, progress=False if args.quiet else None), args.set))
 
 
 def cmd_train_teacher(args) -> int:
@@ -90,10 +99,10 @@ def cmd_distill(args) -> int:
     from .presets import get_preset
 
     cfg = get_preset(args.preset).student
-    cfg = replace_config(cfg, temperature=args.temperature, alpha=args.alpha, kd=args.kd,
-                         student_arch=args.student_arch, epochs=args.epochs, image_size=args.image_size,
-                         batch_size=args.batch_size, device=args.device, lr=args.lr, seed=args.seed,
-                         progress=False if args.quiet else None, **_overrides(args.set))
+    cfg = replace_config(cfg, **_with_flags(dict(
+        temperature=args.temperature, alpha=args.alpha, kd=args.kd, student_arch=args.student_arch,
+        epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size, device=args.device,
+        lr=args.lr, seed=args.seed, progress=False if args.quiet else None), args.set))
     summary = distill(cfg, args.data, args.teacher, Path(args.out) / "student", resume=args.resume)
     print(_one_line("student", summary))
     return 0

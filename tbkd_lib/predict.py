@@ -44,11 +44,11 @@ def predict_images(checkpoint, paths: Sequence, out, method: str = "gradcam", ta
     from .checkpoint import load_model
     from .data import read_image
     from .data.records import class_names
+    from .distributed import resolve_device
     from .evaluation import LocalizeConfig, compute_saliency
     from .protocol import boxes_from_masks, normalize_saliency, threshold
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)  # a GPU that is not there: TbkdError, not a CUDA traceback
     model, ckpt = load_model(checkpoint, device=dev)
     model.eval()
     cfg = ckpt.get("config", {})

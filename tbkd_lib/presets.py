@@ -58,11 +58,13 @@ _SMOKE = _pair(
 # cpu-quick, measured on the 2-core Xeon (AMX bf16) this project runs on, phantoms 600 train / 200 val:
 # * speed: ResNet-18 train step at 224 px, batch 16: 43-49 img/s with bf16 autocast + channels-last vs
 #   16-18 img/s in fp32 NCHW (x2.7); 192 px is ~1.36x cheaper than 224 px.
-# * learning (from scratch): 224 px / 10 epochs / batch 32 / augment -> val AUC 0.886 (still rising);
+# * learning (from scratch, on the phantoms as they were BEFORE FINDING_CONTRAST = 2.5, i.e. harder):
+#   224 px / 10 epochs / batch 32 / augment -> val AUC 0.886 (still rising);
 #   224 px / 4 epochs without augmentation -> 0.69; 128 px / 12 epochs without augmentation -> 0.82
-#   (overfitting: train loss 0.3); batch 16 with augmentation learned far slower (0.60 after 12).
-# Hence 16 epochs at 192 px: the compute of 12 epochs at 224 px, an ESTIMATED ~3-3.5 min per model on
-# 2 idle cores. Not yet verified end to end (the shared machine ran at ~2.5 img/s during the check).
+#   (overfitting: train loss 0.3); batch 16 with augmentation learned far slower (0.60 after 12);
+#   192 px / batch 32 / augment reached only 0.63 after 9 of 16 epochs (stopped).
+# At 224 px an epoch takes an ESTIMATED ~16 s on 2 idle cores (12 epochs ~3.2 min per model). NOT yet
+# verified to reach AUC 0.95 (the shared machine ran at 2.5-10 img/s while this was tuned).
 _CPU_QUICK = _pair(
     "cpu-quick",
     "Fits a 2-core CPU in minutes: ResNet-18 from scratch at 224 px, 12 epochs, batch 32, AdamW lr 2e-3 "

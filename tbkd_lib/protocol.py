@@ -44,8 +44,10 @@ def _check_maps(saliency: Tensor, name: str = "saliency") -> None:
 def normalize_saliency(saliency: Tensor) -> Tensor:
     """Per-image min–max scaling: ``(s - min) / (max - min)`` → float32 ``(B, H, W)`` in [0, 1].
 
-    A constant map (``max == min``, including all zeros) becomes all zeros — no NaN. Non-finite
-    input is refused (``FloatingPointError``).
+    A constant map becomes all zeros — no NaN. "Constant" allows float32 rounding: a map whose range is
+    within 16 ulps of its magnitude (``max - min <= 16 * eps * max(|min|, |max|)``, e.g. a 1 x 1
+    Grad-CAM upsampled bilinearly) is constant, not noise stretched to [0, 1]. Non-finite input is
+    refused (``FloatingPointError``).
     """
     _check_maps(saliency)
     s = saliency.float()
@@ -55,8 +57,8 @@ def normalize_saliency(saliency: Tensor) -> Tensor:
     lo = flat.min(dim=1).values[:, None, None] if flat.shape[1] else s.new_zeros(len(s), 1, 1)
     hi = flat.max(dim=1).values[:, None, None] if flat.shape[1] else s.new_zeros(len(s), 1, 1)
     span = hi - lo
-    out = torch.where(span > 0, (s - lo) / torch.where(span > 0, span, torch.ones_like(span)),
-                      torch.zeros_like(s))
+    varies = span > 16 * torch.finfo(torch.float32).eps * torch.maximum(lo.abs(), hi.abs())
+    out = torch.where(varies, (s - lo) / torch.where(varies, span, torch.ones_like(span)), torch.zeros_like(s))
     return out.clamp_(0.0, 1.0)
 
 

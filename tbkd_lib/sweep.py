@@ -81,6 +81,22 @@ def _status(run_dir: Path) -> str | None:
         return None
 
 
+# Linux: papermill gets SIGKILL when the sweep dies (PR_SET_PDEATHSIG survives exec), so a killed sweep
+# leaves no notebook running on behind it to race the rerun in the same run_dir. A trampoline rather
+# than ``preexec_fn``, which is unsafe with the worker threads.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGKILL)\nexcept Exception:\n    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n    sys.exit('tbkd sweep: the sweep process is gone')\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n")
+
+
+def _python_cmd(*args: str) -> list[str]:
+    if sys.platform.startswith("linux"):
+        return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *args]
+    return [sys.executable, *args]
+
+
 def _run_one(notebook: Path, run_dir: Path, params: dict, device: str | None, timeout: float | None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "params.json", params)
@@ -89,8 +105,8 @@ def _run_one(notebook: Path, run_dir: Path, params: dict, device: str | None, ti
         env["CUDA_VISIBLE_DEVICES"] = str(device)
     params_file = run_dir / "papermill_params.json"
     write_json(params_file, params)
-    cmd = [sys.executable, "-m", "papermill", str(notebook), str(run_dir / notebook.name),
-           "-f", str(params_file), "--cwd", str(notebook.parent), "--no-progress-bar", "-k", "python3"]
+    cmd = _python_cmd("-m", "papermill", str(notebook), str(run_dir / notebook.name),
+                      "-f", str(params_file), "--cwd", str(notebook.parent), "--no-progress-bar", "-k", "python3")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     seconds = time.perf_counter() - t0

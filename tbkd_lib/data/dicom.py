@@ -7,7 +7,9 @@ Stored. Colour DICOMs (3 samples) become ITU-R 601 luma without windowing. Multi
 """
 from __future__ import annotations
 
+import functools
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +24,36 @@ except ImportError:  # pragma: no cover - pydicom 2.x
 __all__ = ["read_dicom", "dicom_size"]
 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# What pydicom raises on corrupt bytes. It parses elements lazily, so these come from ``dcmread`` AND from
+# any later attribute access (``ds.Rows``, ``ds.get(...)``); both readers below turn them into DataError.
+_CORRUPT = (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, OverflowError, struct.error,
+            NotImplementedError)
+
+
+def _corrupt_to_data_error(reader):
+    @functools.wraps(reader)
+    def wrapper(path, *args, **kwargs):
+        from pydicom.errors import BytesLengthException, InvalidDicomError
+
+        try:
+            return reader(path, *args, **kwargs)
+        except DataError:
+            raise
+        except FileNotFoundError:
+            raise DataError(path, "file not found; expected a DICOM file") from None
+        except (InvalidDicomError, BytesLengthException, *_CORRUPT) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise DataError(path, f"not a readable DICOM file ({type(exc).__name__}: {first})") from None
+    return wrapper
 
 
 def _dcmread(path: Path, header_only: bool = False):
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=header_only)
-    except FileNotFoundError:
-        raise DataError(path, "file not found; expected a DICOM file") from None
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+    return pydicom.dcmread(path, stop_before_pixels=header_only)
 
 
+@_corrupt_to_data_error
 def dicom_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(width, height)`` = (Columns, Rows) from the header, without decoding pixels."""
     path = Path(path)
@@ -60,6 +78,9 @@ def _pixels(ds, path: Path) -> np.ndarray:
                               f"{type(exc).__name__}: {exc})") from None
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != 3):
         raise DataError(path, f"pixel array of shape {arr.shape}; expected (rows, columns) gray or RGB")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # Float Pixel Data: one NaN would blank the image
+        raise DataError(path, f"{int((~np.isfinite(arr)).sum())} non-finite pixel value(s) (NaN/inf) in float "
+                              "pixel data; expected finite values")
     return arr
 
 
@@ -80,6 +101,7 @@ def _min_max(values: np.ndarray) -> np.ndarray:
     return ((values - lo) / (hi - lo)).astype(np.float32)
 
 
+@_corrupt_to_data_error
 def read_dicom(path: str | os.PathLike) -> np.ndarray:
     """Read a DICOM radiograph.
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,7 @@ def parse_bbox(text: str, csv_path: Path | str = "<csv>", line: int = 0) -> Box 
         return None
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # TypeError: {[]: 1}
         raise _fail(Path(csv_path), line, "bbox", f"{text!r} is not a dict literal; expected 'none' or "
                                                   "{'xmin': x, 'ymin': y, 'width': w, 'height': h}") from None
     if not isinstance(value, dict) or any(k not in value for k in _BBOX_KEYS):
@@ -72,10 +73,16 @@ def parse_bbox(text: str, csv_path: Path | str = "<csv>", line: int = 0) -> Box 
     numbers = [value[k] for k in _BBOX_KEYS]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
         raise _fail(Path(csv_path), line, "bbox", f"{text!r}; expected numeric {_BBOX_KEYS}")
-    x, y, w, h = (float(v) for v in numbers)
-    if w <= 0 or h <= 0:
+    try:
+        x, y, w, h = (float(v) for v in numbers)
+    except OverflowError:  # an integer beyond the float range
+        x = y = w = h = math.inf
+    box = (x, y, x + w, y + h)
+    if not all(math.isfinite(v) for v in box + (w, h)):
+        raise _fail(Path(csv_path), line, "bbox", f"{text!r}; expected finite numbers")
+    if not (box[2] > box[0] and box[3] > box[1]):  # also a size lost to rounding: 1e16 + 1 == 1e16
         raise _fail(Path(csv_path), line, "bbox", f"{text!r}; expected width > 0 and height > 0")
-    return (x, y, x + w, y + h)
+    return box
 
 
 def _size(row: dict, csv_path: Path, line: int) -> tuple[int, int]:
