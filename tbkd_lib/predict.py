@@ -81,7 +81,7 @@ def predict_images(checkpoint, paths: Sequence, out, method: str = "gradcam", ta
         boxes = boxes_from_masks(threshold(sal, tau))[0].float()
         boxes_orig = boxes * torch.tensor([w / size, h / size, w / size, h / size])
         overlay = out / f"{p.stem}_overlay.png"
-        title = f"p(TB) = {probs[tb]:.2f}, {method}"
+        title = f"p(TB) = {probs[tb]:.2f}, {method}, boxes at tau = {tau:.2f}"
         _overlay_png(overlay, img_disp.clamp(0, 1), sal_disp[0], boxes_orig * scale, title)
         predictions.append({"image": str(p), "width": w, "height": h,
                             "probabilities": {n: round(float(v), 5) for n, v in zip(names, probs)},
