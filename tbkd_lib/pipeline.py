@@ -78,9 +78,10 @@ def _resolve_device(name: str) -> torch.device:
     return resolve_device(name)
 
 
-def localization_inputs(records, image_size: int, max_images: int | None = None, seed: int = 0):
+def localization_inputs(records, image_size: int, max_images: int | None = None, seed: int = 0, cache=None):
     """TB images with ≥1 box → ``images float32 (N,1,S,S)``, ``boxes`` list of ``(K,4)`` in S-space,
-    and the records kept (in order). ``max_images`` takes a seeded random subset."""
+    and the records kept (in order). ``max_images`` takes a seeded random subset. ``cache``: an
+    ``ImageCache`` shared with the run's other datasets, so no image is decoded twice."""
     from .data import CXRDataset
 
     keep = [i for i, r in enumerate(records) if r.label == "tb" and len(r.boxes) > 0]
@@ -88,7 +89,7 @@ def localization_inputs(records, image_size: int, max_images: int | None = None,
         rng = np.random.default_rng(seed)
         keep = sorted(rng.choice(keep, size=max_images, replace=False).tolist())
     subset = [records[i] for i in keep]
-    ds = CXRDataset(subset, image_size=image_size, augment=False)
+    ds = CXRDataset(subset, image_size=image_size, augment=False, cache=cache)
     items = [ds[i] for i in range(len(ds))]
     if not items:
         return torch.zeros(0, 1, image_size, image_size), [], []
@@ -99,13 +100,13 @@ def localization_inputs(records, image_size: int, max_images: int | None = None,
 
 @torch.no_grad()
 def classification_on_split(model, records, image_size: int, scheme: str, device, batch_size: int = 64,
-                            n_boot: int = 1000, seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray]:
+                            n_boot: int = 1000, seed: int = 0, cache=None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Classification metrics of ``model`` on ``records`` → ``(metrics, labels (N,), probs (N,C))``."""
     from .data import CXRDataset, collate
     from .metrics import classification_metrics
 
     model.eval()
-    ds = CXRDataset(records, image_size=image_size, scheme=scheme, augment=False)
+    ds = CXRDataset(records, image_size=image_size, scheme=scheme, augment=False, cache=cache)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
     probs, labels = [], []
     for batch in loader:
@@ -124,7 +125,7 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
     Returns the report dict. Overrides are dicts of config fields applied on top of the preset.
     """
     from .checkpoint import load_model
-    from .data import generate_phantoms, load_records
+    from .data import ImageCache, boxes_to_size, generate_phantoms, load_records
     from .distill import distill
     from .evaluation import evaluate_localization, evaluate_prior_baseline
     from .locmetrics import prior_map
@@ -165,9 +166,13 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
 
     # 4. localization ---------------------------------------------------------------------------
     size = tcfg.image_size
-    val_images, val_boxes, val_tb = localization_inputs(val_records, size, lcfg.max_images, lcfg.seed)
-    cal_images, cal_boxes, _ = localization_inputs(train_records, size, config.calibration_images, lcfg.seed)
-    _, all_train_boxes, _ = localization_inputs(train_records, size)
+    cache = ImageCache()  # one decode per image for every evaluation dataset below
+    val_images, val_boxes, val_tb = localization_inputs(val_records, size, lcfg.max_images, lcfg.seed, cache)
+    cal_images, cal_boxes, _ = localization_inputs(train_records, size, config.calibration_images, lcfg.seed,
+                                                   cache)
+    # the prior needs every training TB box, not the pixels: scale the record boxes, decode nothing
+    all_train_boxes = [boxes_to_size(r.boxes, (r.height, r.width), (size, size)).clamp(0, size)
+                       for r in train_records if r.label == "tb" and r.boxes]
     report = {"config": {"run": config, "teacher": tcfg, "student": scfg, "localize": lcfg},
               "data": {"root": str(data), "n_train": len(train_records), "n_val": len(val_records),
                        "n_val_tb_scored": len(val_tb), "n_calibration": len(cal_boxes),
@@ -179,7 +184,7 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
             model, _ = load_model(out / kind / "best.pt", device=device)
             model.eval()
             cls, _, probs = classification_on_split(model, val_records, size_kind.image_size, size_kind.scheme,
-                                                    device, n_boot=lcfg.n_boot, seed=lcfg.seed)
+                                                    device, n_boot=lcfg.n_boot, seed=lcfg.seed, cache=cache)
             loc = {}
             for method in lcfg.methods:
                 loc[method] = evaluate_localization(
@@ -195,7 +200,7 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
         report["baseline"] = {
             "prior": evaluate_prior_baseline(prior, val_boxes, lcfg, calibration_boxes=cal_boxes),
         }
-    report["shortcut"] = _shortcut_figures(maps, data, val_records, size, lcfg, device)
+    report["shortcut"] = _shortcut_figures(maps, data, val_records, size, lcfg, device, cache)
     with timer("overlays"):
         report["overlays"] = _write_overlays(maps, val_images, val_boxes, val_tb, out, lcfg, report,
                                              config.n_overlays, device)
@@ -231,7 +236,7 @@ def _predict_tb(model, images, device, batch_size=64):
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-def _shortcut_figures(models: dict, data: Path, records, size: int, lcfg, device) -> dict | None:
+def _shortcut_figures(models: dict, data: Path, records, size: int, lcfg, device, cache=None) -> dict | None:
     """Shortcut reliance on phantoms with a planted cue.
 
     ``saliency_share_in_cue``: mean share of positive Grad-CAM (target = TB) inside the cue's box, over
@@ -247,7 +252,7 @@ def _shortcut_figures(models: dict, data: Path, records, size: int, lcfg, device
     if truth is None:
         return None
     present, cue_boxes = truth
-    ds = CXRDataset(records, image_size=size, augment=False)
+    ds = CXRDataset(records, image_size=size, augment=False, cache=cache)
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])
     is_tb = torch.tensor([r.label == "tb" for r in records])
     cue = torch.tensor(present)
