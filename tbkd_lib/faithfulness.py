@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .localize import gaussian_blur
 
-__all__ = ["deletion_curve", "insertion_curve", "auc", "perturbation_curve", "saliency_ranks"]
+__all__ = ["deletion_curve", "insertion_curve", "auc", "perturbation_curve", "saliency_ranks",
+           "prediction_under_noise"]
 
 
 def saliency_ranks(saliency: Tensor) -> Tensor:
@@ -95,3 +96,34 @@ def auc(curve: Tensor) -> Tensor:
     if curve.dim() != 2 or curve.shape[1] < 2:
         raise ValueError(f"curve: expected (B, steps+1) with steps >= 1, got {tuple(curve.shape)}")
     return torch.trapezoid(curve.float(), dx=1.0 / (curve.shape[1] - 1), dim=1)
+
+
+@torch.no_grad()
+def prediction_under_noise(model: nn.Module, images: Tensor, targets: Tensor, stdevs=(0.0, 0.1),
+                           seed: int = 0, batch_size: int = 16) -> Tensor:
+    """Mean ``p(target)`` over ``images`` with Gaussian noise of each std in ``stdevs`` added → ``(S,)``.
+
+    A sanity check for SmoothGrad (Smilkov et al. 2017), which averages gradients over exactly such
+    noisy copies: when ``p(target)`` collapses under that noise, the copies are out of distribution
+    and the averaged gradients explain a different decision. ``images`` float32 ``(B, 1, H, W)`` in
+    [0, 1] (the noisy copies are NOT clipped, as in Captum's NoiseTunnel); ``targets`` int64 ``(B,)``;
+    the noise is drawn on the CPU from a generator seeded with ``seed`` afresh for each std, so every
+    std scales the same draws (common random numbers) and results are reproducible.
+    """
+    if images.dim() != 4 or not isinstance(targets, Tensor) or targets.shape != (images.shape[0],):
+        raise ValueError(f"images (B, 1, H, W) and targets (B,) expected, got {tuple(images.shape)} and "
+                         f"{getattr(targets, 'shape', type(targets).__name__)}")
+    model.eval()
+    out = []
+    for sd in stdevs:
+        if float(sd) < 0:
+            raise ValueError(f"stdevs must be >= 0, got {sd}")
+        gen = torch.Generator().manual_seed(int(seed))
+        total = 0.0
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size]
+            noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+            p = torch.softmax(model(x + float(sd) * noise).float(), dim=1)
+            total += float(p.gather(1, targets[i:i + batch_size, None].to(x.device).long()).sum())
+        out.append(total / max(len(images), 1))
+    return torch.tensor(out, dtype=torch.float32)

@@ -128,7 +128,7 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
     from .data import ImageCache, boxes_to_size, generate_phantoms, load_records
     from .distill import distill
     from .evaluation import evaluate_localization, evaluate_prior_baseline
-    from .locmetrics import prior_map
+    from .locmetrics import centre_box_saliency, prior_map
     from .presets import get_preset
     from .train import fit
 
@@ -199,6 +199,9 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
         prior = prior_map(all_train_boxes, size, size)
         report["baseline"] = {
             "prior": evaluate_prior_baseline(prior, val_boxes, lcfg, calibration_boxes=cal_boxes),
+            # the centre half of the image (a box covering 50 % of each side): the naive floor
+            "centre_box": evaluate_prior_baseline(centre_box_saliency(size, size), val_boxes, lcfg,
+                                                  calibration_boxes=cal_boxes, name="centre_box"),
         }
     report["shortcut"] = _shortcut_figures(maps, data, val_records, size, lcfg, device, cache)
     with timer("overlays"):
@@ -338,14 +341,23 @@ def write_report_md(report: dict, path) -> None:
             _fmt(c.get(k)) + _ci(c.get(f"{k}_ci95")) for k in ("accuracy", "auc_tb", "sensitivity", "specificity")) + " |")
     lines += ["", "## Localization (val TB images): mIoU = mean over images of IoU(mask at tau, union of boxes)", "",
               "| model | method | mIoU [95 % CI] | hit rate | energy pointing | tau |", "|---|---|---|---|---|---|"]
-    base = report.get("baseline", {}).get("prior")
-    if base:
-        lines.append(f"| prior-only baseline | box-frequency map | {_fmt(base.get('miou'))}{_ci(base.get('miou_ci95'))} | "
-                     f"{_fmt(base.get('hit_rate'))} | {_fmt(base.get('energy_pointing'))} | {_fmt(base.get('tau'), 2)} |")
+    for key, label, what in (("prior", "prior-only baseline", "train-box frequency map"),
+                             ("centre_box", "centre-box baseline", "centre half of the image")):
+        base = report.get("baseline", {}).get(key)
+        if base:
+            lines.append(f"| {label} | {what} | {_fmt(base.get('miou'))}{_ci(base.get('miou_ci95'))} | "
+                         f"{_fmt(base.get('hit_rate'))} | {_fmt(base.get('energy_pointing'))} | "
+                         f"{_fmt(base.get('tau'), 2)} |")
     for kind in ("teacher", "student"):
         for method, m in report.get(kind, {}).get("localization", {}).items():
             lines.append(f"| {kind} | {method} | {_fmt(m.get('miou'))}{_ci(m.get('miou_ci95'))} | "
                          f"{_fmt(m.get('hit_rate'))} | {_fmt(m.get('energy_pointing'))} | {_fmt(m.get('tau'), 2)} |")
+    checks = [(kind, m["noise_check"]) for kind in ("teacher", "student")
+              for m in report.get(kind, {}).get("localization", {}).values() if m.get("noise_check")]
+    if checks:
+        lines += ["", "SmoothGrad averages gradients over noisy copies; the model's mean p(TB) on them:", ""]
+        lines += [f"- {kind}: {c['p_target_clean']:.3f} on the clean images, {c['p_target_noisy']:.3f} with "
+                  f"noise of std {c['stdevs']:g}" for kind, c in checks]
     sc = report.get("shortcut")
     if sc:
         lines += ["", "## Shortcut reliance (planted cue)", "",

@@ -73,10 +73,10 @@ _CPU_QUICK = _pair(
     "with 1 warm-up epoch and a cosine decay, class-balanced sampling, bf16 autocast + channels-last. "
     "Student: a born-again ResNet-18 distilled with Hinton KD (T = 4, alpha = 0.7: our defaults) from "
     "cached teacher logits. Localization budget: IG 16 steps, occlusion 28-px windows without overlap, "
-    "8-step deletion/insertion curves, tau tuned on 32 training TB films.",
+    "8-step deletion/insertion curves, tau tuned on 32 training TB films, attribution in bf16 autocast.",
     localize={"method_kwargs": {"ig": {"n_steps": 16}, "smoothgrad": {"nt_samples": 8},
                                 "occlusion": {"window": 28, "stride": 28, "perturbations_per_eval": 16}},
-              "faithfulness_steps": 8},
+              "faithfulness_steps": 8, "amp": "auto"},
     arch="resnet18", image_size=224, epochs=12, batch_size=32, lr=2e-3, weight_decay=1e-4,
     warmup_epochs=1.0, balance="sampler", augment=True, n_boot=1000,
 )
@@ -91,7 +91,7 @@ _PAPER = _pair(
     "the student also starting from ImageNet weights.",
     arch="resnet50", weights="IMAGENET1K_V2", image_size=512, epochs=30, batch_size=32, lr=1e-4,
     weight_decay=1e-4, warmup_epochs=1.0, balance="sampler", augment=True, device="auto", amp="auto",
-    num_workers=8, n_boot=1000, student={"weights": "IMAGENET1K_V2"},
+    num_workers=8, n_boot=1000, student={"weights": "IMAGENET1K_V2"}, localize={"amp": "auto"},
 )
 
 PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (_SMOKE, _CPU_QUICK, _PAPER)})

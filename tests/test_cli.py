@@ -133,6 +133,8 @@ def test_run_smoke_writes_report(tmp_path):
         for key in ("miou", "miou_ci95", "hit_rate", "energy_pointing", "tau", "n_images"):
             assert key in loc
     assert report["baseline"]["prior"]["miou"] is not None
+    assert report["baseline"]["centre_box"]["method"] == "centre_box"
+    assert report["baseline"]["centre_box"]["miou"] is not None
     assert set(report["timing"]) >= {"phantoms", "teacher", "student", "total"}
     assert (tmp_path / "run" / "report.md").read_text().startswith("# tbkd run report")
     assert report["overlays"] and (tmp_path / "run" / report["overlays"][0]).exists()

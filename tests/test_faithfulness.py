@@ -83,3 +83,20 @@ def test_bad_arguments():
         deletion_curve(OnePixel(), images, torch.zeros(1, 3, 3), t)
     with pytest.raises(ValueError):
         deletion_curve(OnePixel(), images, sal, None)
+
+
+def test_prediction_under_noise_by_hand():
+    from tbkd_lib.faithfulness import prediction_under_noise
+
+    images = torch.zeros(4, 1, 3, 4)
+    images[:, 0, 1, 2] = 1.0
+    t = torch.ones(4, dtype=torch.long)
+    p = prediction_under_noise(OnePixel(), images, t, stdevs=(0.0, 0.5), seed=3, batch_size=3)
+    assert p.shape == (2,)
+    assert p[0].item() == pytest.approx(P_ON, abs=1e-6)          # no noise: p = sigmoid(10)
+    gen = torch.Generator().manual_seed(3)                        # the same draws, by hand
+    noise = torch.cat([torch.randn((3, 1, 3, 4), generator=gen), torch.randn((1, 1, 3, 4), generator=gen)])
+    expected = torch.sigmoid(10 * (1 + 0.5 * noise[:, 0, 1, 2])).mean()
+    assert p[1].item() == pytest.approx(expected.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="stdevs"):
+        prediction_under_noise(OnePixel(), images, t, stdevs=(-1,))

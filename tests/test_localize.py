@@ -243,3 +243,42 @@ def test_upsample_shapes():
     x = torch.rand(3, 2, 2)
     assert upsample(x, (5, 7)).shape == (3, 5, 7)
     assert upsample(x[:, None], (4, 4), "nearest").shape == (3, 4, 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# fast_path: bf16 autocast + channels-last, opt-in
+def test_fast_path_matches_fp32_and_restores_the_model():
+    from tbkd_lib.localize import amp_dtype_for, fast_path
+
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    images = torch.rand(3, 1, 32, 32)
+    targets = torch.tensor([2, 2, 1])
+    ref = attribute(model, images, targets, "saliency")
+    with fast_path(model, "auto") as dtype:
+        assert dtype == torch.bfloat16
+        conv = next(p for p in model.parameters() if p.dim() == 4)
+        assert conv.is_contiguous(memory_format=torch.channels_last)
+        fast = attribute(model, images, targets, "saliency")
+    assert fast.dtype == torch.float32 and fast.shape == ref.shape  # post-processing stays fp32
+    assert conv.is_contiguous()  # memory format restored
+    norm = lambda s: (s - s.amin((1, 2), keepdim=True)) / (s.amax((1, 2), keepdim=True) - s.amin((1, 2), keepdim=True))
+    for a, b in zip(norm(ref), norm(fast)):
+        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.98
+    with fast_path(model, "none") as dtype:
+        assert dtype is None
+        assert torch.equal(attribute(model, images, targets, "saliency"), ref)
+    assert amp_dtype_for("auto", "cpu") == torch.bfloat16
+    with pytest.raises(ConfigError, match="amp"):
+        amp_dtype_for("fp8", "cpu")
+
+
+def test_fast_path_restores_the_model_when_the_body_raises():
+    from tbkd_lib.localize import fast_path
+
+    model = SmallNet()
+    with pytest.raises(RuntimeError, match="boom"):
+        with fast_path(model, "bf16"):
+            raise RuntimeError("boom")
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert not torch.is_autocast_enabled("cpu")
