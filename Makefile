@@ -25,6 +25,19 @@ book: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/jupyter-book build . && \
 	echo "Book built in $$(( $$(date +%s) - start )) s. HTML: $(CURDIR)/_build/html/index.html"
 
+# Speed, measured side by side (benchmarks/run.py); benchmark-only packages go in on top of .venv.
+BENCH_STAMP := $(VENV)/.bench-stamp
+GRAD_CAM    := grad-cam==1.5.5
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	$(PY) -m pip install --quiet --no-deps "$(GRAD_CAM)"
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.run --out bench
+	cp bench/results.md benchmarks/results.md
+	@echo "Table: $(CURDIR)/bench/results.md (copied to benchmarks/results.md, which the README links)"
+
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab book/
 

@@ -215,6 +215,8 @@ def _score(saliency: Tensor, saliency_norm: Tensor, choice: TauChoice, boxes: Se
         "energy_pointing": ep["mean"], "energy_pointing_ci95": ep["ci95"],
         "tau": choice.value, "tau_source": choice.source,
         "n_images": int(keep.sum()), "n_attributed": int(len(saliency)), "n_boxes": int(best.numel()),
+        # in scored-image order: paired comparisons (student vs teacher) resample these together
+        "per_image_iou": ious.tolist(),
         "pred_boxes_per_image": (sum(len(b) for b in pred_boxes) / len(pred_boxes)) if pred_boxes else None,
         "prob_cutoff": cfg.prob_cutoff,
         # Oracle curve on the SCORED split, for plots only; never used to choose tau.

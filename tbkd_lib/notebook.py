@@ -83,13 +83,13 @@ def ensure_run(ctx: NotebookContext, teacher_overrides=None, student_overrides=N
     """The run's ``report.json``: reused when it was made with the same teacher/student configs,
     else produced (finished training stages are reused, see :func:`tbkd_lib.pipeline.run_pipeline`)."""
     from .io import read_json, to_jsonable
-    from .pipeline import RunConfig, run_pipeline
+    from .pipeline import REPORT_VERSION, RunConfig, run_pipeline
 
     from .config import replace_config
     from .presets import get_preset
 
     report = ctx.run_dir / "report.json"
-    if report.exists():
+    if report.exists() and read_json(report).get("report_version") == REPORT_VERSION:
         saved = read_json(report).get("config", {})
         wanted = (*stage_configs(ctx, teacher_overrides, student_overrides),
                   replace_config(get_preset(ctx.preset).localize, **(localize_overrides or {})))

@@ -6,9 +6,11 @@ With ``data=None`` the phantom set is generated first into ``out/data`` (the emb
 Stages are resumable: a finished training stage is reused, an interrupted one resumes from its
 ``last.pt``; a stage directory holding a different configuration is refused. ``report.json`` layout::
 
-    config, data, timing (seconds per stage), environment,
+    report_version, config, data, timing (seconds per stage), environment (incl. peak_rss_mb),
     teacher|student: {classification: {accuracy, auc_tb, sensitivity, specificity, *_ci95, …},
-                      localization: {method: {miou, miou_ci95, hit_rate, energy_pointing, tau, n_images, …}}},
+                      localization: {method: {miou, miou_ci95, hit_rate, energy_pointing, tau, n_images,
+                                              per_image_iou, deletion_auc, insertion_auc, …}}},
+    comparison: {student_minus_teacher_miou: {method: {diff, ci95, n}}}   (paired over the same images),
     baseline: {prior: {…same keys…}, centre_box: {…}},
     shortcut: {teacher: {…}, student: {…}} | null
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +33,11 @@ import torch
 from .config import replace_config
 from .io import read_json, write_json, atomic_write_text
 
-__all__ = ["RunConfig", "run_pipeline", "localization_inputs", "classification_on_split",
+# Bumped whenever report.json gains or changes keys: a report of another version is produced again
+# by the notebooks (tbkd_lib.notebook.ensure_run) instead of being read with missing keys.
+REPORT_VERSION = 2
+
+__all__ = ["REPORT_VERSION", "RunConfig", "run_pipeline", "localization_inputs", "classification_on_split",
            "write_report_md"]
 
 
@@ -69,6 +76,16 @@ class _Timer:
                 timer.seconds[name] = round(time.perf_counter() - self.t0, 2)
 
         return _Ctx()
+
+
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MB (None where ``resource`` is unavailable)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024, 1)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -128,7 +145,7 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
     from .data import ImageCache, boxes_to_size, generate_phantoms, load_records
     from .distill import distill
     from .evaluation import evaluate_localization, evaluate_prior_baseline
-    from .locmetrics import centre_box_saliency, prior_map
+    from .locmetrics import centre_box_saliency, paired_difference, prior_map
     from .presets import get_preset
     from .train import fit
 
@@ -173,7 +190,7 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
     # the prior needs every training TB box, not the pixels: scale the record boxes, decode nothing
     all_train_boxes = [boxes_to_size(r.boxes, (r.height, r.width), (size, size)).clamp(0, size)
                        for r in train_records if r.label == "tb" and r.boxes]
-    report = {"config": {"run": config, "teacher": tcfg, "student": scfg, "localize": lcfg},
+    report = {"report_version": REPORT_VERSION, "config": {"run": config, "teacher": tcfg, "student": scfg, "localize": lcfg},
               "data": {"root": str(data), "n_train": len(train_records), "n_val": len(val_records),
                        "n_val_tb_scored": len(val_tb), "n_calibration": len(cal_boxes),
                        "scored_split": "val",
@@ -195,6 +212,12 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
                             "training": {k: v for k, v in (t_sum if kind == 'teacher' else s_sum).items()
                                          if isinstance(v, (int, float, str))}}
             maps[kind] = model
+    # student − teacher per method, paired over the same scored images
+    report["comparison"] = {"student_minus_teacher_miou": {
+        method: paired_difference(report["teacher"]["localization"][method]["per_image_iou"],
+                                  report["student"]["localization"][method]["per_image_iou"],
+                                  seed=lcfg.seed, n_boot=lcfg.n_boot)
+        for method in lcfg.methods}}
     with timer("baselines"):
         prior = prior_map(all_train_boxes, size, size)
         report["baseline"] = {
@@ -210,7 +233,8 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
     timer.seconds["total"] = round(time.perf_counter() - t_total, 2)
     report["timing"] = timer.seconds
     report["environment"] = {"torch": torch.__version__, "device": str(device), "python": platform.python_version(),
-                             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+                             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                             "peak_rss_mb": _peak_rss_mb()}
     write_json(out / "report.json", report)
     write_report_md(report, out / "report.md")
     return report
@@ -320,6 +344,10 @@ def _fmt(v, digits=3):
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _signed(v, digits=3):
+    return "–" if v is None else f"{v:+.{digits}f}"
+
+
 def _ci(pair, digits=3):
     if not pair or pair[0] is None:
         return ""
@@ -352,6 +380,11 @@ def write_report_md(report: dict, path) -> None:
         for method, m in report.get(kind, {}).get("localization", {}).items():
             lines.append(f"| {kind} | {method} | {_fmt(m.get('miou'))}{_ci(m.get('miou_ci95'))} | "
                          f"{_fmt(m.get('hit_rate'))} | {_fmt(m.get('energy_pointing'))} | {_fmt(m.get('tau'), 2)} |")
+    diffs = report.get("comparison", {}).get("student_minus_teacher_miou", {})
+    if diffs:
+        lines += ["", "Student − teacher mIoU, paired over the same images (bootstrap 95 % CI; an interval "
+                  "that excludes 0 is a real difference):", "", "| method | student − teacher |", "|---|---|"]
+        lines += [f"| {m} | {_signed(d.get('diff'))}{_ci(d.get('ci95'))} |" for m, d in diffs.items()]
     checks = [(kind, m["noise_check"]) for kind in ("teacher", "student")
               for m in report.get(kind, {}).get("localization", {}).values() if m.get("noise_check")]
     if checks:

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 __all__ = ["set_style", "show_image", "overlay_saliency", "plot_training_curves", "plot_roc",
-           "plot_confusion", "plot_iou_vs_tau", "plot_miou_table", "plot_soft_targets", "save_figure",
+           "plot_confusion", "plot_iou_vs_tau", "plot_miou_table", "plot_paired_differences", "plot_soft_targets", "save_figure",
            "draw_boxes", "GT_COLOR", "PRED_COLOR", "CUE_COLOR"]
 
 GT_COLOR = "#2ca02c"
@@ -171,6 +171,30 @@ def plot_miou_table(rows: Sequence[Mapping], baseline: float | None = None, ax=N
         ax.axvline(baseline, color="black", ls="--", lw=1.2, label=f"{baseline_label} ({baseline:.3f})")
         ax.legend(frameon=False, loc="lower right", fontsize=8)
     ax.set_xlabel("mIoU with 95 % bootstrap CI")
+    return ax
+
+
+def plot_paired_differences(diffs: Mapping[str, Mapping], ax=None, label="student − teacher mIoU"):
+    """Dots with 95 % CIs of paired differences, one row per method, and a line at 0.
+
+    ``diffs``: ``{method: {"diff", "ci95"}}`` (``tbkd_lib.locmetrics.paired_difference``). Rows whose
+    interval excludes 0 are drawn filled, the others hollow."""
+    ax = _ax(ax, (6, 0.45 * len(diffs) + 1.2))
+    names = list(diffs)
+    y = np.arange(len(names))
+    for yi, name in zip(y, names):
+        d = diffs[name]
+        if d.get("diff") is None:
+            continue
+        lo, hi = d["ci95"] if d.get("ci95") else (d["diff"], d["diff"])
+        real = lo > 0 or hi < 0
+        color = "#dd8452" if d["diff"] > 0 else "#4c72b0"
+        ax.errorbar(d["diff"], yi, xerr=[[d["diff"] - lo], [hi - d["diff"]]], fmt="o", color=color, capsize=3,
+                    markerfacecolor=color if real else "white")
+    ax.axvline(0.0, color="black", lw=1)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{label} (paired bootstrap 95 % CI; filled: excludes 0)")
     return ax
 
 

@@ -135,6 +135,8 @@ def test_run_smoke_writes_report(tmp_path):
     assert report["baseline"]["prior"]["miou"] is not None
     assert report["baseline"]["centre_box"]["method"] == "centre_box"
     assert report["baseline"]["centre_box"]["miou"] is not None
+    diff = report["comparison"]["student_minus_teacher_miou"]["gradcam"]
+    assert diff["n"] == report["teacher"]["localization"]["gradcam"]["n_images"]
     assert set(report["timing"]) >= {"phantoms", "teacher", "student", "total"}
     assert (tmp_path / "run" / "report.md").read_text().startswith("# tbkd run report")
     assert report["overlays"] and (tmp_path / "run" / report["overlays"][0]).exists()

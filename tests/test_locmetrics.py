@@ -121,3 +121,19 @@ def test_centre_box_saliency():
     c = centre_box_saliency(8, 8, 0.5)
     assert torch.equal(c, boxes_to_mask(torch.tensor([[2.0, 2.0, 6.0, 6.0]]), 8, 8).float())
     assert centre_box_saliency(4, 6, 1.0).sum().item() == 24
+
+
+def test_paired_difference_by_hand():
+    from tbkd_lib.locmetrics import paired_difference
+
+    a = [0.1, 0.2, 0.3, float("nan")]
+    b = [0.2, 0.4, 0.3, 0.9]
+    r = paired_difference(a, b, seed=0, n_boot=200)
+    assert r["n"] == 3 and r["diff"] == pytest.approx((0.1 + 0.2 + 0.0) / 3)
+    lo, hi = r["ci95"]
+    assert 0.0 <= lo <= r["diff"] <= hi <= 0.2 + 1e-12      # resampled means of {0.1, 0.2, 0.0}
+    same = paired_difference([0.5, 0.1], [0.5, 0.1], n_boot=50)
+    assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    assert paired_difference([], [], n_boot=10) == {"diff": None, "ci95": None, "n": 0}
+    with pytest.raises(ValueError, match="pair"):
+        paired_difference([1.0], [1.0, 2.0])
