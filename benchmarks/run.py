@@ -28,7 +28,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -485,8 +484,10 @@ def bench_end_to_end(cfg: BenchConfig, out: Path, rows: list, log) -> None:
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"tbkd run --preset smoke failed:\n{proc.stderr[-2000:]}")
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         report = json.loads((run_dir / "report.json").read_text())
+        # measured by the run itself (RUSAGE_SELF): a parent's RUSAGE_CHILDREN can include the
+        # parent's own pages at fork time
+        peak_mb = report["environment"]["peak_rss_mb"]
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in report["timing"].items() if k != "total")
         rows.append(_row("end_to_end", "tbkd run --preset smoke (24+12 phantoms), fresh process", wall, "s",
                          higher_is_better=False, repeats=1, note=f"peak RSS {peak_mb:.0f} MB; {stages}",

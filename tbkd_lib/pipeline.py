@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .config import replace_config
-from .io import read_json, write_json, atomic_write_text
+from .io import atomic_write_text, read_json, to_jsonable, write_json
 
 # Bumped whenever report.json gains or changes keys: a report of another version is produced again
 # by the notebooks (tbkd_lib.notebook.ensure_run) instead of being read with missing keys.
@@ -235,6 +235,7 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
     report["environment"] = {"torch": torch.__version__, "device": str(device), "python": platform.python_version(),
                              "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                              "peak_rss_mb": _peak_rss_mb()}
+    report = to_jsonable(report)  # what the caller gets is exactly what report.json holds
     write_json(out / "report.json", report)
     write_report_md(report, out / "report.md")
     return report
