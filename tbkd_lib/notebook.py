@@ -37,6 +37,18 @@ class NotebookContext:
     device: str
     shortcut: float = 0.0
     overrides: dict = field(default_factory=dict)
+    n_train: int | None = None
+    n_val: int | None = None
+
+    @property
+    def phantom_sizes(self) -> dict:
+        """``{"n_train", "n_val"}`` of generated phantoms: tiny under ``smoke``, else the context's
+        sizes, else :class:`tbkd_lib.pipeline.RunConfig`'s defaults."""
+        from .pipeline import RunConfig
+
+        if self.smoke:
+            return dict(SMOKE_SIZES)
+        return {"n_train": self.n_train or RunConfig.n_train, "n_val": self.n_val or RunConfig.n_val}
 
     @property
     def data_root(self) -> Path:
@@ -44,7 +56,7 @@ class NotebookContext:
 
 
 def context(smoke=False, data_dir=None, run_dir=None, preset="cpu-quick", seed=0, device="auto",
-            shortcut=0.0, default_run_dir="../runs/main") -> NotebookContext:
+            shortcut=0.0, default_run_dir="../runs/main", n_train=None, n_val=None) -> NotebookContext:
     from .config import default_data_dir
 
     if smoke:
@@ -57,7 +69,7 @@ def context(smoke=False, data_dir=None, run_dir=None, preset="cpu-quick", seed=0
     return NotebookContext(run_dir=Path(run_dir or default_run_dir).resolve(),
                            data_dir=Path(data_dir).expanduser().resolve() if data_dir else None,
                            preset=preset, smoke=bool(smoke), seed=int(seed), device=device,
-                           shortcut=float(shortcut))
+                           shortcut=float(shortcut), n_train=n_train, n_val=n_val)
 
 
 def setup(device="auto", seed=0) -> "object":
@@ -98,9 +110,8 @@ def ensure_run(ctx: NotebookContext, teacher_overrides=None, student_overrides=N
         if same:
             log(f"reusing {report}")
             return read_json(report)
-    sizes = SMOKE_SIZES if ctx.smoke else {}
     cfg = RunConfig(preset=ctx.preset, phantom_seed=ctx.seed, shortcut=ctx.shortcut, device=ctx.device,
-                    progress=False, **sizes)
+                    progress=False, **ctx.phantom_sizes)
     return run_pipeline(cfg, data=ctx.data_dir, out=ctx.run_dir, teacher_overrides=teacher_overrides,
                         student_overrides=student_overrides, localize_overrides=localize_overrides, log=log)
 
@@ -113,13 +124,11 @@ def _identity(cfg: dict) -> dict:
 def ensure_data(ctx: NotebookContext, log=print) -> Path:
     """The data root: ``ctx.data_dir`` if given, else the phantom set in ``run_dir/data`` (generated once)."""
     from .data import generate_phantoms
-    from .pipeline import RunConfig
 
     root = ctx.data_root
     if ctx.data_dir is None and not (root / "truth.json").exists():
-        sizes = SMOKE_SIZES if ctx.smoke else {"n_train": RunConfig.n_train, "n_val": RunConfig.n_val}
         log(f"generating phantoms into {root}")
-        generate_phantoms(root, seed=ctx.seed, shortcut=ctx.shortcut, **sizes)
+        generate_phantoms(root, seed=ctx.seed, shortcut=ctx.shortcut, **ctx.phantom_sizes)
     return root
 
 

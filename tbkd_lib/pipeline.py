@@ -164,7 +164,9 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
     with timer("phantoms"):
         if data is None:
             data = out / "data"
-            if not (data / "truth.json").exists():
+            if (data / "truth.json").exists():
+                _check_phantoms(data / "truth.json", config)
+            else:
                 log(f"phantoms: generating {config.n_train}+{config.n_val} images into {data}")
                 generate_phantoms(data, n_train=config.n_train, n_val=config.n_val,
                                   seed=config.phantom_seed, shortcut=config.shortcut,
@@ -239,6 +241,26 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
     write_json(out / "report.json", report)
     write_report_md(report, out / "report.md")
     return report
+
+
+def _check_phantoms(truth_path: Path, config: RunConfig) -> None:
+    """Phantoms already in the run directory must be the ones ``config`` asks for: a run must not
+    silently score data generated with other sizes, seed or cue."""
+    from .errors import ConfigError
+
+    t = read_json(truth_path)
+    gen = t.get("generator", {})
+    have = {"n_train": gen.get("n_train"), "n_val": gen.get("n_val"), "phantom_seed": t.get("seed"),
+            "shortcut": t.get("shortcut")}
+    want = {"n_train": config.n_train, "n_val": config.n_val, "phantom_seed": config.phantom_seed,
+            "shortcut": config.shortcut}
+    diff = {k: (have[k], want[k]) for k in want
+            if have[k] is None or (float(have[k]) != float(want[k]))}
+    if diff:
+        detail = ", ".join(f"{k}: {a} there, {b} asked" for k, (a, b) in diff.items())
+        raise ConfigError(f"{truth_path}: the phantoms in this run directory were generated with other "
+                          f"settings ({detail}); use another --out, or delete {truth_path.parent} to "
+                          f"generate them again")
 
 
 def _shortcut_truth(data: Path, records, size: int):

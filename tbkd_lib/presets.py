@@ -67,17 +67,20 @@ _SMOKE = _pair(
 # (46.7 img/s; the first epoch ~60 s with cache fill and kernel warm-up, then ~14 s), val AUC 0.997,
 # 3-class accuracy 0.915. Its Grad-CAM on val TB films: layer4 mIoU 0.284 [0.245, 0.323], layer3
 # 0.268 [0.240, 0.294], prior-only floor 0.193 -> the default layer4 is kept.
+# Book budget (make book <= 20 min on 2 cores, measured 2026-11-28): the full `tbkd run` at 12 epochs
+# took 657-835 s (the machine is shared: +27 % between two runs), 60 % of it training -> 10 epochs;
+# occlusion was 40 % of localization -> 32-px windows (7 x 7 = 49 per 224-px film, one batch each).
 _CPU_QUICK = _pair(
     "cpu-quick",
-    "Fits a 2-core CPU in minutes: ResNet-18 from scratch at 224 px, 12 epochs, batch 32, AdamW lr 2e-3 "
+    "Fits a 2-core CPU in minutes: ResNet-18 from scratch at 224 px, 10 epochs, batch 32, AdamW lr 2e-3 "
     "with 1 warm-up epoch and a cosine decay, class-balanced sampling, bf16 autocast + channels-last. "
     "Student: a born-again ResNet-18 distilled with Hinton KD (T = 4, alpha = 0.7: our defaults) from "
-    "cached teacher logits. Localization budget: IG 16 steps, occlusion 28-px windows without overlap, "
+    "cached teacher logits. Localization budget: IG 16 steps, occlusion 32-px windows without overlap, "
     "8-step deletion/insertion curves, tau tuned on 32 training TB films, attribution in bf16 autocast.",
     localize={"method_kwargs": {"ig": {"n_steps": 16}, "smoothgrad": {"nt_samples": 8},
-                                "occlusion": {"window": 28, "stride": 28, "perturbations_per_eval": 16}},
+                                "occlusion": {"window": 32, "stride": 32, "perturbations_per_eval": 49}},
               "faithfulness_steps": 8, "amp": "auto"},
-    arch="resnet18", image_size=224, epochs=12, batch_size=32, lr=2e-3, weight_decay=1e-4,
+    arch="resnet18", image_size=224, epochs=10, batch_size=32, lr=2e-3, weight_decay=1e-4,
     warmup_epochs=1.0, balance="sampler", augment=True, n_boot=1000,
 )
 

@@ -1,0 +1,30 @@
+"""run_pipeline refuses phantoms in the run directory that were generated with other settings."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tbkd_lib.errors import ConfigError
+from tbkd_lib.pipeline import RunConfig, _check_phantoms
+
+
+def _truth(tmp_path, n_train=600, n_val=200, seed=0, shortcut=0.0):
+    path = tmp_path / "truth.json"
+    path.write_text(json.dumps({"version": 1, "seed": seed, "shortcut": shortcut, "images": {},
+                                "generator": {"n_train": n_train, "n_val": n_val}}))
+    return path
+
+
+def test_matching_phantoms_pass(tmp_path):
+    _check_phantoms(_truth(tmp_path), RunConfig())
+    _check_phantoms(_truth(tmp_path, 300, 100, 2, 0.9), RunConfig(n_train=300, n_val=100, phantom_seed=2,
+                                                                  shortcut=0.9))
+
+
+@pytest.mark.parametrize("field,value", [("n_train", 300), ("n_val", 50), ("phantom_seed", 1), ("shortcut", 0.9)])
+def test_other_phantoms_are_refused_naming_the_file_and_the_field(tmp_path, field, value):
+    path = _truth(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        _check_phantoms(path, RunConfig(**{field: value}))
+    assert str(path) in str(err.value) and field in str(err.value) and "delete" in str(err.value)
