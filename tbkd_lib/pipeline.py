@@ -329,10 +329,9 @@ def _shortcut_figures(models: dict, data: Path, records, size: int, lcfg, device
 
 def _write_overlays(models: dict, images, boxes, records, out: Path, lcfg, report, n: int, device) -> list[str]:
     """Side-by-side PNGs: image with boxes, teacher Grad-CAM, student Grad-CAM (tau in the titles)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # Figures built without pyplot: no backend switch, so a notebook calling this keeps its inline
+    # figures (switching to Agg here once silenced every later figure of the calling notebook).
+    from matplotlib.figure import Figure
 
     from .evaluation import compute_saliency
     from .plotting import overlay_saliency, save_figure, set_style, show_image
@@ -351,7 +350,8 @@ def _write_overlays(models: dict, images, boxes, records, out: Path, lcfg, repor
         sal = compute_saliency(model, sub.to(device), torch.full((n,), tb, dtype=torch.long), method, lcfg).cpu()
         maps[kind] = normalize_saliency(sal)
     for i in range(n):
-        fig, axes = plt.subplots(1, 1 + len(maps), figsize=(4 * (1 + len(maps)), 4.2))
+        fig = Figure(figsize=(4 * (1 + len(maps)), 4.2))
+        axes = fig.subplots(1, 1 + len(maps))
         show_image(sub[i, 0], boxes[i], title=Path(records[i].image).name, ax=axes[0])
         for ax, (kind, sal) in zip(axes[1:], maps.items()):
             tau = report[kind]["localization"][method]["tau"]

@@ -216,7 +216,7 @@ def plot_soft_targets(logits, temperatures=(1, 2, 4, 8), class_names=("healthy",
 
 
 def save_figure(fig, path) -> None:
-    """Save ``fig`` (tight, 120 dpi) and close it."""
+    """Save ``fig`` (tight, 120 dpi) and close it (a pyplot figure or a bare ``matplotlib.figure.Figure``)."""
     import matplotlib.pyplot as plt
     from pathlib import Path
 

@@ -23,16 +23,14 @@ __all__ = ["predict_images"]
 
 
 def _overlay_png(path: Path, image, saliency, boxes, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend is left alone
 
     from .plotting import overlay_saliency, save_figure, set_style
 
     set_style()
     h, w = image.shape
-    fig, ax = plt.subplots(figsize=(6, 6 * h / w))
+    fig = Figure(figsize=(6, 6 * h / w))
+    ax = fig.subplots()
     overlay_saliency(image, saliency, pred_boxes=boxes, title=title, ax=ax)
     save_figure(fig, path)
 
