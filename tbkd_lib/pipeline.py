@@ -79,7 +79,18 @@ class _Timer:
 
 
 def _peak_rss_mb() -> float | None:
-    """Peak resident memory of this process in MB (None where ``resource`` is unavailable)."""
+    """Peak resident memory of this process in MB (None where it cannot be read).
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this process's own memory map.
+    ``ru_maxrss`` is only the fallback: it carries over the parent's RSS through fork + exec, so a
+    run started from a large process (a notebook kernel, the benchmark) would report the parent's size.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # pragma: no cover - Windows

@@ -28,3 +28,22 @@ def test_other_phantoms_are_refused_naming_the_file_and_the_field(tmp_path, fiel
     with pytest.raises(ConfigError) as err:
         _check_phantoms(path, RunConfig(**{field: value}))
     assert str(path) in str(err.value) and field in str(err.value) and "delete" in str(err.value)
+
+
+def test_peak_rss_is_the_runs_own_not_its_parents():
+    """ru_maxrss carries a parent's RSS through fork + exec; the report must not (VmHWM does not)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc (Linux)")
+    ballast = np.ones(150_000_000)  # 1.2 GB, touched
+    code = ("import resource; from tbkd_lib.pipeline import _peak_rss_mb; "
+            "print(_peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    ours, inherited = map(float, out.stdout.split())
+    del ballast
+    assert ours < inherited - 500, (ours, inherited)
