@@ -11,7 +11,8 @@
 
 Recipe: AdamW (or SGD) with a per-step cosine schedule after a linear warm-up; class balance by a
 weighted sampler (or loss weights); gradient accumulation; early stopping on ``monitor``; mixed precision
-(bf16 autocast on CPU; on CUDA bf16 where supported, else fp16 with a GradScaler) and channels-last.
+(bf16 autocast on a CPU with native bf16, fp32 on other CPUs; on CUDA bf16 where supported, else fp16
+with a GradScaler) and channels-last.
 
 Reproducibility: at the start of epoch ``e`` the global RNGs are seeded from ``(seed, e)``, the dataset's
 augmentation stream is ``dataset.set_epoch(e)`` and the sampler's generator is seeded from ``(seed, e)``.
@@ -47,6 +48,7 @@ from .config import config_to_dict, save_config
 from .data.records import class_names
 from .distributed import (DistInfo, broadcast_object, cleanup_distributed, gather_predictions,
                           setup_distributed)
+from .hardware import cpu_has_native_bf16
 from .errors import ConfigError, TbkdError
 from .io import append_jsonl, atomic_write_bytes, atomic_write_text, read_json, read_jsonl, write_json
 from .metrics import classification_metrics
@@ -135,7 +137,8 @@ def _seed_everything(seed: int) -> None:
 
 
 def amp_dtype(config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``config.amp`` on ``device`` (None = full fp32)."""
+    """The autocast dtype of ``config.amp`` on ``device`` (None = full fp32). ``auto``: bf16 on a GPU
+    that supports it (else fp16), bf16 on a CPU only where it is native (:mod:`tbkd_lib.hardware`)."""
     if config.amp == "none":
         return None
     if config.amp == "bf16":
@@ -144,7 +147,9 @@ def amp_dtype(config, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if device.type == "cpu" else None
+    if device.type == "cpu" and cpu_has_native_bf16():  # emulated bf16 is slower than fp32
+        return torch.bfloat16
+    return None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -255,7 +255,7 @@ def test_fast_path_matches_fp32_and_restores_the_model():
     images = torch.rand(3, 1, 32, 32)
     targets = torch.tensor([2, 2, 1])
     ref = attribute(model, images, targets, "saliency")
-    with fast_path(model, "auto") as dtype:
+    with fast_path(model, "bf16") as dtype:
         assert dtype == torch.bfloat16
         conv = next(p for p in model.parameters() if p.dim() == 4)
         assert conv.is_contiguous(memory_format=torch.channels_last)
@@ -268,9 +268,36 @@ def test_fast_path_matches_fp32_and_restores_the_model():
     with fast_path(model, "none") as dtype:
         assert dtype is None
         assert torch.equal(attribute(model, images, targets, "saliency"), ref)
-    assert amp_dtype_for("auto", "cpu") == torch.bfloat16
     with pytest.raises(ConfigError, match="amp"):
         amp_dtype_for("fp8", "cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    """Emulated bf16 (an AVX2-only CPU) was 13x slower than fp32: "auto" must mean fp32 there."""
+    from tbkd_lib import localize, train
+
+    monkeypatch.setattr(localize, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+    want = torch.bfloat16 if native else None
+    assert localize.amp_dtype_for("auto", "cpu") is want
+    assert train.amp_dtype(train.TrainConfig(amp="auto"), torch.device("cpu")) is want
+    model = SmallNet()
+    conv = next(p for p in model.parameters() if p.dim() == 4)
+    with localize.fast_path(model, "auto") as dtype:
+        assert dtype is want and torch.is_autocast_enabled("cpu") is native
+        assert conv.is_contiguous(memory_format=torch.channels_last)  # channels-last either way
+    assert conv.is_contiguous()
+    assert localize.amp_dtype_for("bf16", "cpu") is torch.bfloat16  # asked for explicitly: always
+
+
+def test_cpu_bf16_probe_agrees_with_the_cpu_flags():
+    from tbkd_lib.hardware import cpu_features, cpu_has_native_bf16
+
+    flags = cpu_features()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    assert cpu_has_native_bf16() == bool({"amx_bf16", "avx512_bf16"} & flags)
 
 
 def test_fast_path_restores_the_model_when_the_body_raises():
