@@ -57,8 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .hardware import cpu_has_native_bf16
 from .errors import ConfigError
+from .hardware import cpu_has_native_bf16
 
 __all__ = ["attribute", "gradcam_raw", "upsample", "gaussian_blur", "METHODS", "Method",
            "default_smooth_sigma", "hooks_released", "count_hooks", "amp_dtype_for", "fast_path"]
