@@ -51,7 +51,9 @@ class LocalizeConfig:
     ``method_kwargs``: ``{method: {option: value}}`` passed to :func:`attribute` (a tuple of
     ``(method, {…})`` pairs is accepted and turned into a dict), e.g.
     ``{"ig": {"n_steps": 16}, "saliency": {"smooth_sigma": 0}}``. ``faithfulness``: compute
-    deletion/insertion AUCs with ``faithfulness_steps`` steps. ``max_images``: use at most the first
+    deletion/insertion AUCs with ``faithfulness_steps`` steps, on at most the first
+    ``faithfulness_max_images`` scored images (None: all; each costs 2 × (steps + 1) forward passes per
+    method). ``max_images``: use at most the first
     N scored (and calibration) images — a run budget for smoke tests. ``min_box_area``: components
     smaller than this many pixels give no predicted box. ``amp``: ``"none"`` (fp32, the default),
     ``"bf16"`` or ``"auto"`` — attribution and faithfulness passes in bf16 autocast with channels-last
@@ -70,6 +72,7 @@ class LocalizeConfig:
     method_kwargs: dict = field(default_factory=dict)
     faithfulness: bool = True
     faithfulness_steps: int = 10
+    faithfulness_max_images: int | None = None
     max_images: int | None = None
     min_box_area: int = 1
     amp: str = "none"
@@ -107,6 +110,9 @@ class LocalizeConfig:
             if int(getattr(self, name)) < low:
                 raise ConfigError(f"LocalizeConfig.{name}: expected >= {low}, got {getattr(self, name)}")
         amp_dtype_for(self.amp, "cpu")  # validates the name
+        if self.faithfulness_max_images is not None and int(self.faithfulness_max_images) < 1:
+            raise ConfigError(f"LocalizeConfig.faithfulness_max_images: expected None or >= 1, got "
+                              f"{self.faithfulness_max_images}")
         if self.max_images is not None and int(self.max_images) < 1:
             raise ConfigError(f"LocalizeConfig.max_images: expected None or >= 1, got {self.max_images}")
 
@@ -243,9 +249,10 @@ def evaluate_localization(model: nn.Module, scored, method: str, cfg: LocalizeCo
     ``box_iou`` (mean over GT boxes of the best IoU with a predicted component box); ``hit_rate``
     (pointing game) and ``hit_rate_ci95``; ``energy_pointing`` and ``_ci95``; ``tau``, ``tau_source``;
     ``n_images``; ``iou_vs_tau`` ``{"tau": [...], "miou": [...]}`` (oracle curve on the scored split,
-    for plots; tau is fixed before it is computed); ``deletion_auc``/``insertion_auc`` (+ ``_ci95``)
-    when ``cfg.faithfulness``; ``seconds`` (wall time of the whole call, calibration included) and
-    ``seconds_per_image`` (attribution time on the scored images / number attributed).
+    for plots; tau is fixed before it is computed); ``deletion_auc``/``insertion_auc`` (+ ``_ci95``,
+    and ``faithfulness_n_images``, the films they average) when ``cfg.faithfulness``; ``seconds``
+    (wall time of the whole call, calibration included) and ``seconds_per_image`` (attribution time
+    on the scored images / number attributed).
     Maps are computed on the images' device; ``return_maps=True`` also returns the tensors
     (``saliency``, ``saliency_norm``, ``masks``, ``gt_masks``, ``tau``, ``scored``, ``pred_boxes``).
     """
@@ -286,7 +293,7 @@ def evaluate_localization(model: nn.Module, scored, method: str, cfg: LocalizeCo
     result.update({"method": method, "target": tb, "deletion_auc": None, "deletion_auc_ci95": None,
                    "insertion_auc": None, "insertion_auc_ci95": None})
     if cfg.faithfulness and result["n_images"]:
-        idx = torch.nonzero(maps["scored"]).flatten().to(images.device)
+        idx = torch.nonzero(maps["scored"]).flatten().to(images.device)[:cfg.faithfulness_max_images]
         dels, ins = [], []
         with fast_path(model, cfg.amp):
             for i in range(0, len(idx), cfg.batch_size):
@@ -297,7 +304,8 @@ def evaluate_localization(model: nn.Module, scored, method: str, cfg: LocalizeCo
         d = summarize(torch.cat(dels), cfg.seed, cfg.n_boot)
         n = summarize(torch.cat(ins), cfg.seed, cfg.n_boot)
         result.update({"deletion_auc": d["mean"], "deletion_auc_ci95": d["ci95"],
-                       "insertion_auc": n["mean"], "insertion_auc_ci95": n["ci95"]})
+                       "insertion_auc": n["mean"], "insertion_auc_ci95": n["ci95"],
+                       "faithfulness_n_images": int(len(idx))})
     if method == "smoothgrad":
         # SmoothGrad explains the model on noisy copies: say how the model treats them
         sd = float(cfg.kwargs_for("smoothgrad").get("stdevs", METHODS["smoothgrad"].kwargs["stdevs"]))

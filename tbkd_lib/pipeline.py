@@ -38,7 +38,7 @@ from .io import atomic_write_text, read_json, to_jsonable, write_json
 REPORT_VERSION = 2
 
 __all__ = ["REPORT_VERSION", "RunConfig", "run_pipeline", "localization_inputs", "classification_on_split",
-           "write_report_md"]
+           "score_like_run", "write_report_md"]
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
     all_train_boxes = [boxes_to_size(r.boxes, (r.height, r.width), (size, size)).clamp(0, size)
                        for r in train_records if r.label == "tb" and r.boxes]
     report = {"report_version": REPORT_VERSION, "config": {"run": config, "teacher": tcfg, "student": scfg, "localize": lcfg},
-              "data": {"root": str(data), "n_train": len(train_records), "n_val": len(val_records),
+              "data": {"root": str(data.resolve()), "n_train": len(train_records), "n_val": len(val_records),
                        "n_val_tb_scored": len(val_tb), "n_calibration": len(cal_boxes),
                        "scored_split": "val",
                        "tau_calibration": f"{len(cal_boxes)} TB images of the train split"}}
@@ -438,6 +438,50 @@ def write_report_md(report: dict, path) -> None:
     for p in report.get("overlays", []):
         lines.append(f"\n![overlay]({p})")
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def score_like_run(run_dir, checkpoint, methods=("gradcam",), device="auto", data=None,
+                   faithfulness: bool = False) -> dict:
+    """Score another checkpoint exactly as the finished run in ``run_dir`` scored its own models.
+
+    The same validation TB films (``max_images`` subset and seed of the run's ``LocalizeConfig``), the
+    same ``calibration_images`` TRAIN TB films for ``tau``, the same scoring config, so the result sits
+    beside the run's rows and its prior-only floor (``report["baseline"]``) on equal terms.
+    ``data``: the data root (default: ``report["data"]["root"]``, or the run's own ``run_dir/data``
+    phantoms when that root is gone, e.g. after the run directory moved).
+    ``faithfulness``: deletion/insertion curves (off by default: they dominate the cost).
+    Returns ``{method: evaluate_localization(...) dict}``. A checkpoint trained at another image size
+    than the run's teacher is a :class:`ConfigError` (its maps would be scored on other pixels).
+    """
+    from .checkpoint import load_model
+    from .data import ImageCache, load_records
+    from .errors import ConfigError
+    from .evaluation import LocalizeConfig, evaluate_localization
+    from .config import config_from_dict
+
+    report_path = Path(run_dir) / "report.json"
+    if not report_path.exists():
+        raise ConfigError(f"{report_path}: no report; finish the run first (tbkd run --out {run_dir})")
+    report = read_json(report_path)
+    run = config_from_dict(RunConfig, report["config"]["run"])
+    lcfg = replace_config(config_from_dict(LocalizeConfig, report["config"]["localize"]),
+                          methods=tuple(methods), faithfulness=bool(faithfulness))
+    size = int(report["config"]["teacher"]["image_size"])
+    dev = _resolve_device(device)
+    model, ckpt = load_model(checkpoint, device=dev)
+    model.eval()
+    ckpt_size = int(ckpt.get("config", {}).get("image_size", size))
+    if ckpt_size != size:
+        raise ConfigError(f"{checkpoint}: trained at {ckpt_size} px, but {report_path} scored {size} px")
+    root = Path(data) if data is not None else Path(report["data"]["root"])
+    if data is None and not root.exists() and (Path(run_dir) / "data" / "truth.json").exists():
+        root = Path(run_dir) / "data"
+    cache = ImageCache()
+    images, boxes, _ = localization_inputs(load_records(root, "val"), size, lcfg.max_images, lcfg.seed, cache)
+    cal_images, cal_boxes, _ = localization_inputs(load_records(root, "train"), size, run.calibration_images,
+                                                   lcfg.seed, cache)
+    return {m: evaluate_localization(model, (images.to(dev), boxes), m, lcfg,
+                                     calibration=(cal_images.to(dev), cal_boxes)) for m in methods}
 
 
 def localize_split(data, checkpoint, split: str, out, methods=("gradcam",), tau="auto", device="auto",

@@ -48,8 +48,8 @@ from .config import config_to_dict, save_config
 from .data.records import class_names
 from .distributed import (DistInfo, broadcast_object, cleanup_distributed, gather_predictions,
                           setup_distributed)
-from .hardware import cpu_has_native_bf16
 from .errors import ConfigError, TbkdError
+from .hardware import cpu_has_native_bf16
 from .io import append_jsonl, atomic_write_bytes, atomic_write_text, read_json, read_jsonl, write_json
 from .metrics import classification_metrics
 
@@ -73,6 +73,8 @@ class TrainConfig:
     ``device`` (auto | cpu | cuda | cuda:N), ``seed``, ``eval_batch_size`` (None = 2 x batch_size),
     ``n_boot`` (bootstrap resamples for the final CIs; per-epoch evaluation uses none),
     ``max_train_batches`` (None; a smoke-test knob), ``progress`` (None = tqdm's TTY detection).
+    ``snapshot_epochs``: epochs whose model is also kept as ``epoch{N}.pt`` (e.g. an early, weakly
+    trained model to compare with the final one; the checkpoint format of ``last.pt``).
     """
 
     arch: str = "resnet18"
@@ -104,6 +106,7 @@ class TrainConfig:
     n_boot: int = 1000
     max_train_batches: int | None = None
     progress: bool | None = None
+    snapshot_epochs: tuple[int, ...] = ()
 
     def __post_init__(self):
         choices = {"optimizer": ("adamw", "sgd"), "balance": ("sampler", "loss", "none"),
@@ -112,6 +115,9 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{type(self).__name__}.{name} must be one of {allowed}; got {getattr(self, name)!r}")
         class_names(self.scheme)
+        if any(int(e) < 1 for e in self.snapshot_epochs):
+            raise ConfigError(f"{type(self).__name__}.snapshot_epochs must hold epochs >= 1; got "
+                              f"{self.snapshot_epochs!r}")
         for name in ("epochs", "batch_size", "accum_steps", "image_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{type(self).__name__}.{name} must be >= 1; got {getattr(self, name)!r}")
@@ -671,6 +677,8 @@ def _run(config, data, run_dir, resume, kind, build, prepare, info, device, stop
             if improved:
                 atomic_write_bytes(run_dir / "best.pt", blob)
             atomic_write_bytes(run_dir / "last.pt", blob)
+            if epoch in config.snapshot_epochs:
+                atomic_write_bytes(run_dir / f"epoch{epoch}.pt", blob)
             _epoch_line(config, info, kind, row, value)
         if stop_after is not None and epoch >= stop_after and epoch < config.epochs:
             return {"interrupted": True, "epochs_run": epoch, "run_dir": str(run_dir)}

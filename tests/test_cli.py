@@ -140,3 +140,30 @@ def test_run_smoke_writes_report(tmp_path):
     assert set(report["timing"]) >= {"phantoms", "teacher", "student", "total"}
     assert (tmp_path / "run" / "report.md").read_text().startswith("# tbkd run report")
     assert report["overlays"] and (tmp_path / "run" / report["overlays"][0]).exists()
+
+
+def test_score_like_run_reproduces_the_runs_own_row(tmp_path):
+    """Scoring the run's own teacher again with score_like_run gives the report's row: same films, same
+    calibration films, same tau, same mIoU. A checkpoint at another image size is refused."""
+    from tbkd_lib.errors import ConfigError
+    from tbkd_lib.pipeline import score_like_run
+
+    run = tmp_path / "run"
+    proc = tbkd("run", "--out", run, "--preset", "smoke", "--n-train", 30, "--n-val", 20, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((run / "report.json").read_text())
+    want = report["teacher"]["localization"]["gradcam"]
+    got = score_like_run(run, run / "teacher" / "best.pt", methods=("gradcam",), device="cpu")["gradcam"]
+    assert got["n_images"] == want["n_images"] and got["tau"] == want["tau"]
+    assert got["per_image_iou"] == pytest.approx(want["per_image_iou"], abs=1e-6)
+    assert got["miou"] == pytest.approx(want["miou"], abs=1e-6)
+    # the run directory moved: the stored data root is gone, the run's own phantoms are used
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    again = score_like_run(moved, moved / "teacher" / "best.pt", device="cpu")["gradcam"]
+    assert again["miou"] == pytest.approx(want["miou"], abs=1e-6)
+    bigger = tbkd("train-teacher", "--data", moved / "data", "--out", tmp_path / "t96", "--preset", "smoke",
+                  "--set", "image_size=96")
+    assert bigger.returncode == 0, bigger.stderr
+    with pytest.raises(ConfigError, match="96 px"):
+        score_like_run(moved, tmp_path / "t96" / "teacher" / "best.pt", device="cpu")

@@ -153,7 +153,23 @@ def test_max_images_and_faithfulness_keys():
     assert res["n_attributed"] == 2 and res["n_images"] == 2
     for key in ("deletion_auc", "insertion_auc"):
         assert 0.0 <= res[key] <= 1.0
+    assert res["faithfulness_n_images"] == 2
     json.dumps(res, allow_nan=False)
+
+
+def test_faithfulness_on_the_first_films_only():
+    """faithfulness_max_images=1: the curves average the first scored film alone, which is what
+    scoring that film by itself gives; mIoU still averages every film."""
+    full = evaluate_localization(MapNet(), scored_split(), "saliency", cfg(faithfulness=True, faithfulness_steps=4,
+                                                                           faithfulness_max_images=1))
+    images, boxes = scored_split()
+    first = evaluate_localization(MapNet(), (images[:1], boxes[:1]), "saliency",
+                                  cfg(faithfulness=True, faithfulness_steps=4))
+    assert full["faithfulness_n_images"] == 1 and full["n_images"] == 2
+    assert full["deletion_auc"] == pytest.approx(first["deletion_auc"], abs=1e-6)
+    assert full["insertion_auc"] == pytest.approx(first["insertion_auc"], abs=1e-6)
+    with pytest.raises(ConfigError, match="faithfulness_max_images"):
+        cfg(faithfulness_max_images=0)
 
 
 def test_gradcam_path_runs_end_to_end():

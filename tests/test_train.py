@@ -186,3 +186,16 @@ def test_presets():
     assert replace_config(smoke.teacher, epochs=3).epochs == 3 and smoke.teacher.epochs == 1
     with pytest.raises(ConfigError, match="smoke, cpu-quick, paper"):
         get_preset("fast")
+
+
+def test_snapshot_epochs_keep_an_early_model(tmp_path):
+    from tbkd_lib.checkpoint import load_checkpoint
+
+    cfg = tiny_config(epochs=3, snapshot_epochs=(1,))
+    fit(cfg, tiny_data(), tmp_path / "r")
+    snap, last = load_checkpoint(tmp_path / "r" / "epoch1.pt"), load_checkpoint(tmp_path / "r" / "last.pt")
+    assert snap["epoch"] == 1 and last["epoch"] == 3
+    assert not (tmp_path / "r" / "epoch2.pt").exists() and not (tmp_path / "r" / "epoch3.pt").exists()
+    assert any(not torch.equal(snap["model"][k], last["model"][k]) for k in last["model"])
+    with pytest.raises(ConfigError, match="snapshot_epochs"):
+        tiny_config(snapshot_epochs=(0,))
