@@ -52,36 +52,44 @@ _SMOKE = _pair(
     "to speak of. Proves the plumbing runs; the numbers mean nothing.",
     localize={"methods": ("gradcam",), "max_images": 8, "n_boot": 50, "faithfulness": False},
     arch="resnet18", image_size=64, epochs=1, batch_size=8, lr=1e-3, warmup_epochs=0.0,
-    max_train_batches=2, n_boot=50, augment=False,
+    max_train_batches=2, n_boot=50, augment=False, teacher={"snapshot_epochs": (1,)},
 )
 
-# cpu-quick, measured on the 2-core Xeon (AMX bf16) this project runs on, phantoms 600 train / 200 val:
-# * speed: ResNet-18 train step at 224 px, batch 16: 43-49 img/s with bf16 autocast + channels-last vs
-#   16-18 img/s in fp32 NCHW (x2.7); 192 px is ~1.36x cheaper than 224 px.
-# * learning (from scratch, on the phantoms as they were BEFORE FINDING_CONTRAST = 2.5, i.e. harder):
-#   224 px / 10 epochs / batch 32 / augment -> val AUC 0.886 (still rising);
-#   224 px / 4 epochs without augmentation -> 0.69; 128 px / 12 epochs without augmentation -> 0.82
-#   (overfitting: train loss 0.3); batch 16 with augmentation learned far slower (0.60 after 12);
-#   192 px / batch 32 / augment reached only 0.63 after 9 of 16 epochs (stopped).
-# Verified on the final phantoms (FINDING_CONTRAST 2.5), 2 idle cores: 12 epochs at 224 px take 217 s
-# (46.7 img/s; the first epoch ~60 s with cache fill and kernel warm-up, then ~14 s), val AUC 0.997,
-# 3-class accuracy 0.915. Its Grad-CAM on val TB films: layer4 mIoU 0.284 [0.245, 0.323], layer3
-# 0.268 [0.240, 0.294], prior-only floor 0.193 -> the default layer4 is kept.
-# Book budget (make book <= 20 min on 2 cores, measured 2026-11-28): the full `tbkd run` at 12 epochs
-# took 657-835 s (the machine is shared: +27 % between two runs), 60 % of it training -> 10 epochs;
-# occlusion was 40 % of localization -> 32-px windows (7 x 7 = 49 per 224-px film, one batch each).
+# cpu-quick has to fit the slowest 2-core machine the project runs on (make book <= 20 min, tbkd run
+# <= 15 min). Two kinds were seen, 2026-11/12:
+# * Intel Xeon with AMX-BF16: ResNet-18 train step at 224 px, batch 16, 43-49 img/s in bf16 autocast +
+#   channels-last vs 16-18 img/s fp32 NCHW (x2.7); fp32 matmul 439 GFLOP/s.
+# * AMD EPYC with AVX2 only (no AVX-512, no bf16): fp32 matmul 130 GFLOP/s; the same step 7.8 img/s in
+#   fp32 and 0.6 img/s in (emulated) bf16 -> amp="auto" is fp32 there (tbkd_lib.hardware). At batch 32:
+#   224 px 7.6 img/s, 160 px 19.1, 128 px 25.7 (160 px is 2.5x cheaper than 224, more than its FLOPs).
+# Measured on the AMD machine, phantoms 600/200 (FINDING_CONTRAST 2.5), teacher at 160 px, batch 32,
+# 8 epochs: val AUC 0.947 after 3 epochs, 0.996 after 6 (best), ~33 s per epoch. Its Grad-CAM on the
+# 60 val TB films: layer4 (a 5 x 5 grid at 160 px) 0.230 [0.188, 0.276], not above the prior-only floor
+# 0.192 [0.157, 0.230]; layer3 (10 x 10) 0.318 [0.276, 0.360], clearly above -> layer3.
+# Localization cost per model there (60 scored + 32 calibration films, channels-last fp32): Grad-CAM
+# 2.6 s, Guided Grad-CAM 4.7, Saliency 3.2, IG 8 steps 23, SmoothGrad 4 samples 17, occlusion with 40-px
+# windows 28 (mIoU 0.134; 32-px windows 0.196); deletion + insertion with 8 steps on 60 films ~13 s per
+# method -> 6 steps on 24 films.
+# A full `tbkd run` with teacher 6 / student 5 epochs and 32-px occlusion windows took 654 s there
+# (teacher 237 s, student 181 s, localization 116 s per model; Grad-CAM teacher 0.302 [0.252, 0.354],
+# student 0.297, floor 0.192): the book (venv + run + chapters) did not fit 20 min, so teacher 5 and
+# student 4 epochs, and 40-px occlusion windows (a 4 x 4 grid; 32-px windows cost 45 s per model).
+# Earlier budget (Xeon, 224 px, 10-12 epochs, layer4): teacher AUC 0.997, Grad-CAM 0.284 vs floor 0.193.
 _CPU_QUICK = _pair(
     "cpu-quick",
-    "Fits a 2-core CPU in minutes: ResNet-18 from scratch at 224 px, 10 epochs, batch 32, AdamW lr 2e-3 "
-    "with 1 warm-up epoch and a cosine decay, class-balanced sampling, bf16 autocast + channels-last. "
-    "Student: a born-again ResNet-18 distilled with Hinton KD (T = 4, alpha = 0.7: our defaults) from "
-    "cached teacher logits. Localization budget: IG 16 steps, occlusion 32-px windows without overlap, "
-    "8-step deletion/insertion curves, tau tuned on 32 training TB films, attribution in bf16 autocast.",
-    localize={"method_kwargs": {"ig": {"n_steps": 16}, "smoothgrad": {"nt_samples": 8},
-                                "occlusion": {"window": 32, "stride": 32, "perturbations_per_eval": 49}},
-              "faithfulness_steps": 8, "amp": "auto"},
-    arch="resnet18", image_size=224, epochs=10, batch_size=32, lr=2e-3, weight_decay=1e-4,
+    "Fits a 2-core CPU (AVX2, fp32) in minutes: ResNet-18 from scratch at 160 px, Grad-CAM on layer3 "
+    "(a 10 x 10 grid), batch 32, AdamW lr 2e-3 with 1 warm-up epoch and a cosine decay, class-balanced "
+    "sampling, channels-last (bf16 autocast only on CPUs with native bf16). Teacher 5 epochs (its "
+    "epoch-2 model kept as epoch2.pt: the weakly trained comparison of chapter 4); student: a "
+    "born-again ResNet-18, 4 epochs of Hinton KD (T = 4, alpha = 0.7: our defaults) from cached teacher "
+    "logits. Localization budget: IG 8 steps, SmoothGrad 4 samples, occlusion 40-px windows without "
+    "overlap, 6-step deletion/insertion curves on 24 films, tau tuned on 32 training TB films.",
+    localize={"method_kwargs": {"ig": {"n_steps": 8}, "smoothgrad": {"nt_samples": 4},
+                                "occlusion": {"window": 40, "stride": 40, "perturbations_per_eval": 16}},
+              "faithfulness_steps": 6, "faithfulness_max_images": 24, "amp": "auto"},
+    arch="resnet18", image_size=160, cam_layer="backbone.layer3", batch_size=32, lr=2e-3, weight_decay=1e-4,
     warmup_epochs=1.0, balance="sampler", augment=True, n_boot=1000,
+    teacher={"epochs": 5, "snapshot_epochs": (2,)}, student={"epochs": 4},
 )
 
 _PAPER = _pair(
@@ -94,7 +102,8 @@ _PAPER = _pair(
     "the student also starting from ImageNet weights.",
     arch="resnet50", weights="IMAGENET1K_V2", image_size=512, epochs=30, batch_size=32, lr=1e-4,
     weight_decay=1e-4, warmup_epochs=1.0, balance="sampler", augment=True, device="auto", amp="auto",
-    num_workers=8, n_boot=1000, student={"weights": "IMAGENET1K_V2"}, localize={"amp": "auto"},
+    num_workers=8, n_boot=1000, teacher={"snapshot_epochs": (2,)}, student={"weights": "IMAGENET1K_V2"},
+    localize={"amp": "auto"},
 )
 
 PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (_SMOKE, _CPU_QUICK, _PAPER)})
