@@ -5,10 +5,12 @@ repeat by repeat (so drift on a shared machine hits both), after warm-up, and th
 median of the repeats. Sections:
 
 1. ``train``: one optimisation step (teacher = cross-entropy, KD = born-again student on cached
-   teacher logits), tbkd's ``train_one_epoch`` fast path (bf16 autocast + channels-last) vs a plain
-   fp32 NCHW loop (the KD reference runs its teacher live, as a plain loop would); and vs the machine's
-   limit = model FLOPs per image (``FlopCounterMode``, forward + backward) ÷ a measured dense matmul
-   rate in the same precision. When the fast path is below 60 % of the limit, ``torch.profiler``
+   teacher logits), tbkd's ``train_one_epoch`` fast path (channels-last, and bf16 autocast where the
+   hardware has native bf16: ``amp="auto"``) vs a plain fp32 NCHW loop (the KD reference runs its
+   teacher live, as a plain loop would); and vs the machine's limit = model FLOPs per image
+   (``FlopCounterMode``, forward + backward) ÷ a measured dense matmul rate in the same precision. On
+   a CPU without native bf16 one more row times the same step with bf16 forced, to show why ``auto``
+   is fp32 there. When the fast path is below 60 % of the limit, ``torch.profiler``
    splits one step's time by operator family and the row says where the time goes.
 2. ``localization``: Grad-CAM maps + IoU scoring of N val TB images, tbkd
    (``evaluate_localization``) vs pytorch-grad-cam's ``GradCAM`` with its own post-processing and a
@@ -54,16 +56,16 @@ class BenchConfig:
     out: str = "bench"
     device: str = "cpu"
     repeats: int = 5
-    warmup: int = 2
+    warmup: int = 1
     compile: bool = False
-    train_cases: tuple = (("resnet18", 224, 16), ("resnet18", 512, 8), ("resnet50", 224, 8),
-                          ("resnet50", 512, 4))
+    train_cases: tuple = (("resnet18", 160, 32), ("resnet18", 224, 16), ("resnet18", 512, 8),
+                          ("resnet50", 224, 8), ("resnet50", 512, 4))
     loc_images: int = 32
-    loc_size: int = 224
+    loc_size: int = 160
     method_images: int = 8
     data_train: int = 96
     data_val: int = 128
-    data_size: int = 224
+    data_size: int = 160
     checkpoint: str | None = "runs/main/teacher/best.pt"
     main_report: str | None = "runs/main/report.json"
     e2e_smoke: bool = True
@@ -217,6 +219,34 @@ def plain_train_step(arch: str, size: int, batch: int, device: torch.device, kd:
     return step
 
 
+def bench_emulated_bf16(cfg: BenchConfig, device: torch.device, rows: list, log) -> None:
+    """Why ``amp="auto"`` is fp32 on a CPU without native bf16: the same tbkd step, bf16 autocast
+    forced (``amp="bf16"``) vs auto (fp32 + channels-last), side by side. A small batch: forced bf16
+    is an order of magnitude slower there."""
+    from tbkd_lib.models import build_model
+    from tbkd_lib.train import (SupervisedLoss, TrainConfig, _make_scaler, build_optimizer, build_scheduler,
+                                train_one_epoch)
+
+    arch, size, batch = ("resnet18", 64, 2) if cfg.smoke else ("resnet18", 224, 4)
+    fns = {}
+    for amp in ("auto", "bf16"):
+        c = TrainConfig(arch=arch, image_size=size, batch_size=batch, amp=amp, channels_last=True,
+                        progress=False, warmup_epochs=0.0, device=str(device))
+        model = build_model(arch, 3).to(device).to(memory_format=torch.channels_last)
+        opt = build_optimizer(model, c)
+        sched = build_scheduler(opt, c, steps_per_epoch=10_000)
+        step_data = [_batch(size, batch, device)]
+        fns[amp] = (lambda model=model, opt=opt, sched=sched, c=c, d=step_data:
+                    train_one_epoch(model, d, opt, sched, _make_scaler(c, device), c, 1, SupervisedLoss()))
+    t = paired(fns, cfg.repeats, 1, device)
+    auto, forced = batch / med(t["auto"]), batch / med(t["bf16"])
+    rows.append(_row("train", f"bf16 forced vs amp auto (fp32): teacher step {arch} {size}px batch {batch}",
+                     auto, "img/s", forced, "same step in bf16 autocast", repeats=cfg.repeats,
+                     note="this CPU has neither AMX-BF16 nor AVX512-BF16: oneDNN emulates bf16, so "
+                          "tbkd_lib.hardware makes amp='auto' choose fp32 here"))
+    log(f"bf16 forced on a CPU without native bf16: {forced:.2f} img/s vs auto (fp32) {auto:.2f} img/s")
+
+
 def profile_step(fn, flops_per_step: float, peak: float) -> str:
     """One profiled step: share of time per operator family, and the convolutions' own FLOP rate."""
     from torch.profiler import ProfilerActivity, profile
@@ -251,15 +281,26 @@ def profile_step(fn, flops_per_step: float, peak: float) -> str:
             f"{100 * conv_eff:.0f} % of the matmul peak")
 
 
+def fast_dtype(device: torch.device) -> torch.dtype:
+    """The precision tbkd's ``amp="auto"`` trains in on ``device`` (fp32 on a CPU without native bf16)."""
+    from tbkd_lib.train import TrainConfig, amp_dtype
+
+    return amp_dtype(TrainConfig(amp="auto"), device) or torch.float32
+
+
 def bench_train(cfg: BenchConfig, device: torch.device, rows: list, log) -> dict:
-    fast_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    dtype = fast_dtype(device)
     n = 512 if cfg.smoke else (4096 if device.type == "cuda" else 2048)
-    peak = {"fast": matmul_rate(fast_dtype, device, n, cfg.repeats),
-            "fp32": matmul_rate(torch.float32, device, n, cfg.repeats)}
-    log(f"matmul {n}x{n}: {peak['fast'] / 1e9:.0f} GFLOP/s {str(fast_dtype)[6:]}, "
+    peak = {"fp32": matmul_rate(torch.float32, device, n, cfg.repeats)}
+    peak["fast"] = peak["fp32"] if dtype == torch.float32 else matmul_rate(dtype, device, n, cfg.repeats)
+    log(f"matmul {n}x{n}: {peak['fast'] / 1e9:.0f} GFLOP/s {str(dtype)[6:]}, "
         f"{peak['fp32'] / 1e9:.0f} GFLOP/s fp32")
-    for name, rate in (("matmul peak, " + str(fast_dtype)[6:], peak["fast"]), ("matmul peak, fp32", peak["fp32"])):
-        rows.append(_row("train", f"dense {n}×{n} {name}", rate / 1e9, "GFLOP/s", repeats=cfg.repeats))
+    peaks = [("fp32", peak["fp32"])] if dtype == torch.float32 else [(str(dtype)[6:], peak["fast"]),
+                                                                    ("fp32", peak["fp32"])]
+    for name, rate in peaks:
+        rows.append(_row("train", f"dense {n}×{n} matmul peak, {name}", rate / 1e9, "GFLOP/s", repeats=cfg.repeats))
+    if device.type == "cpu" and dtype == torch.float32:
+        bench_emulated_bf16(cfg, device, rows, log)
     for arch, size, batch in cfg.train_cases:
         flops = train_flops_per_image(arch, size, device)
         for kd in (False, True):
@@ -271,8 +312,11 @@ def bench_train(cfg: BenchConfig, device: torch.device, rows: list, log) -> dict
             ours, plain = batch / med(t["ours"]), batch / med(t["plain"])
             limit = peak["fast"] / flops
             frac = ours / limit
-            note = (f"{flops / 1e9:.1f} GFLOP/img fwd+bwd; limit {limit:.1f} img/s; ours {100 * frac:.0f} % of "
-                    f"it; plain fp32 {100 * plain / (peak['fp32'] / flops):.0f} % of the fp32 limit")
+            note = (f"{flops / 1e9:.1f} GFLOP/img fwd+bwd; limit {limit:.1f} img/s ({str(dtype)[6:]} matmul); "
+                    f"ours {100 * frac:.0f} % of it; plain fp32 {100 * plain / (peak['fp32'] / flops):.0f} % of "
+                    "the fp32 limit")
+            if dtype == torch.float32:
+                note += "; no native bf16 on this CPU, so tbkd's fast path is fp32 + channels-last"
             if kd:
                 note += "; plain runs the teacher live, ours reads cached logits (as tbkd's distill does)"
             if cfg.profile and frac < TARGETS["fraction_of_limit"] and not kd and (arch, size) == cfg.train_cases[0][:2]:
@@ -343,7 +387,7 @@ def bench_localization(cfg: BenchConfig, device: torch.device, data: Path, rows:
     from tbkd_lib.config import replace_config
     from tbkd_lib.data import ImageCache, load_records
     from tbkd_lib.evaluation import LocalizeConfig, evaluate_localization
-    from tbkd_lib.localize import METHODS, attribute, fast_path
+    from tbkd_lib.localize import METHODS, amp_dtype_for, attribute, fast_path
     from tbkd_lib.pipeline import localization_inputs
     from tbkd_lib.presets import get_preset
     from tbkd_lib.protocol import normalize_saliency
@@ -385,7 +429,9 @@ def bench_localization(cfg: BenchConfig, device: torch.device, data: Path, rows:
         if diff > 1e-4:
             agree_note += ("; pytorch-grad-cam normalises BEFORE its cv2 resize and tbkd after the bilinear "
                            "upsampling, both bilinear with half-pixel centres")
-        for key, label in (("ours_fast", "tbkd, fast path (bf16)"), ("ours_fp32", "tbkd, fp32")):
+        fast_label = ("tbkd, fast path (bf16)" if amp_dtype_for("auto", device) is not None else
+                      "tbkd, fast path (no native bf16 here: fp32 + channels-last)")
+        for key, label in (("ours_fast", fast_label), ("ours_fp32", "tbkd, fp32")):
             rows.append(_row("localization", f"Grad-CAM maps + IoU scoring, {n} images {size}px, {label}",
                              rates[key], "img/s", rates["ref"], "pytorch-grad-cam 1.5 GradCAM + NumPy IoU",
                              target=TARGETS["localization_vs_gradcam"], target_name="≥ 3× pytorch-grad-cam",
@@ -397,10 +443,12 @@ def bench_localization(cfg: BenchConfig, device: torch.device, data: Path, rows:
                          rates["ours_fast"], "img/s", rates["ours_fp32"], "tbkd fp32", repeats=cfg.repeats,
                          note="pytorch-grad-cam is not installed (make bench installs it): no reference"))
         log("localization: pytorch-grad-cam not installed; tbkd only")
-    # cost of each Captum method per image, fp32 vs fast path, with the cpu-quick budget
+    # cost of each Captum method per image with the cpu-quick budget: fast path vs fp32 where the fast
+    # path is bf16; where it is fp32 (no native bf16) the two would be the same code, timed once
     lcfg = get_preset("cpu-quick").localize
     k = min(cfg.method_images, n)
     x, tt = images[:k], targets[:k]
+    native = amp_dtype_for("auto", device) is not None
     for method in METHODS:
         kw = lcfg.kwargs_for(method)
 
@@ -408,13 +456,18 @@ def bench_localization(cfg: BenchConfig, device: torch.device, data: Path, rows:
             with fast_path(model, "auto"):
                 attribute(model, x, tt, method, **kw)
 
-        t = paired({"fast": run_fast, "fp32": lambda method=method, kw=kw: attribute(model, x, tt, method, **kw)},
-                   cfg.repeats if method not in ("occlusion", "ig") else max(1, cfg.repeats // 2 + 1), 1, device)
-        fast_s, fp32_s = med(t["fast"]) / k, med(t["fp32"]) / k
+        fns = {"fast": run_fast}
+        if native:
+            fns["fp32"] = lambda method=method, kw=kw: attribute(model, x, tt, method, **kw)
+        t = paired(fns, cfg.repeats, 1, device)
+        fast_s = med(t["fast"]) / k
+        fp32_s = med(t["fp32"]) / k if native else None
         rows.append(_row("localization", f"Captum {method}, per image ({kw or 'defaults'})", fast_s * 1e3,
-                         "ms/img", fp32_s * 1e3, "same method in fp32", higher_is_better=False,
-                         repeats=len(t["fast"]), note=f"{k} images of {size}px, batch {k}"))
-        log(f"captum {method}: {fast_s * 1e3:.0f} ms/img fast, {fp32_s * 1e3:.0f} ms/img fp32")
+                         "ms/img", fp32_s * 1e3 if native else None, "same method in fp32" if native else None,
+                         higher_is_better=False, repeats=len(t["fast"]),
+                         note=f"{k} images of {size}px, batch {k}"
+                              + ("" if native else "; fp32 (no native bf16 on this CPU)")))
+        log(f"captum {method}: {fast_s * 1e3:.0f} ms/img" + (f" fast, {fp32_s * 1e3:.0f} ms/img fp32" if native else ""))
 
 
 # ----------------------------------------------------------------------------------------- 3. data

@@ -26,6 +26,10 @@ def test_bench_smoke_writes_results(tmp_path):
             assert row["ratio"] > 0
     steps = [r for r in result["rows"] if r["what"].startswith(("teacher step", "KD student step"))]
     assert len(steps) == 2 and all(0 < r["fraction_of_limit"] and r["flops_per_image"] > 0 for r in steps)
+    from tbkd_lib.hardware import cpu_has_native_bf16
+
+    forced = [r for r in result["rows"] if r["what"].startswith("bf16 forced")]
+    assert len(forced) == (0 if cpu_has_native_bf16() else 1)  # why amp="auto" is fp32 on such a CPU
     captum = [r for r in result["rows"] if r["what"].startswith("Captum ")]
     assert len(captum) == 6
     assert {"cpu", "cores", "torch", "device"} <= set(result["machine"])
