@@ -102,23 +102,42 @@ class Explorer:
                                                     f"p(TB) {view.p_tb:.2f}\n", ax=ax)
 
 
-def explorer(ex: Explorer, methods=None):
-    """An ``ipywidgets`` panel over ``ex``: image, method, model, tau, opacity."""
+def explorer(ex: Explorer, methods=None, dpi: int = 80):
+    """An ``ipywidgets`` panel over ``ex``: image, method, model, tau, opacity → an overlay PNG.
+
+    Each change redraws the overlay into an off-screen matplotlib ``Figure`` and sets it as the
+    value of an ``ipywidgets.Image``; nothing is printed into an ``Output`` widget. That matters for
+    headless runs: capturing a figure into an ``Output`` widget (what ``interact`` does) makes
+    nbclient — under papermill and Jupyter Book — hang now and then with the kernel idle (a book build
+    hung here in this chapter twice; jupyter/nbclient#312 reports the same). Returns the panel
+    (``panel.controls``: the five controls by name, ``panel.image``: the Image widget).
+    """
+    import io
+
     import ipywidgets as W
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     methods = list(methods or ex.cfg.methods)
+    controls = {
+        "index": W.Dropdown(options=[(n, i) for i, n in enumerate(ex.names)], value=0, description="image"),
+        "method": W.Dropdown(options=methods, value=methods[0], description="method"),
+        "model": W.ToggleButtons(options=list(ex.models), value=list(ex.models)[-1], description="model"),
+        "tau": W.FloatSlider(value=0.5, min=0.05, max=0.95, step=0.05, description="tau"),
+        "alpha": W.FloatSlider(value=0.45, min=0.0, max=1.0, step=0.05, description="opacity"),
+    }
+    image = W.Image(format="png")
 
-    def show(index, method, model, tau, alpha):
-        fig, ax = plt.subplots(figsize=(5.5, 5.5))
-        ex.plot(ex.view(index, method, model, tau), alpha=alpha, ax=ax)
-        plt.show()
+    def render(_change=None):
+        v = {k: w.value for k, w in controls.items()}
+        fig = Figure(figsize=(5.5, 5.5))
+        ex.plot(ex.view(v["index"], v["method"], v["model"], v["tau"]), alpha=v["alpha"], ax=fig.subplots())
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        image.value = buf.getvalue()
 
-    return W.interactive(
-        show,
-        index=W.Dropdown(options=[(n, i) for i, n in enumerate(ex.names)], value=0, description="image"),
-        method=W.Dropdown(options=methods, value=methods[0], description="method"),
-        model=W.ToggleButtons(options=list(ex.models), value=list(ex.models)[-1], description="model"),
-        tau=W.FloatSlider(value=0.5, min=0.05, max=0.95, step=0.05, description="tau"),
-        alpha=W.FloatSlider(value=0.45, min=0.0, max=1.0, step=0.05, description="opacity"),
-    )
+    for w in controls.values():
+        w.observe(render, names="value")
+    render()
+    panel = W.HBox([W.VBox(list(controls.values())), image])
+    panel.controls, panel.image = controls, image
+    return panel
