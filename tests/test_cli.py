@@ -167,3 +167,16 @@ def test_score_like_run_reproduces_the_runs_own_row(tmp_path):
     assert bigger.returncode == 0, bigger.stderr
     with pytest.raises(ConfigError, match="96 px"):
         score_like_run(moved, tmp_path / "t96" / "teacher" / "best.pt", device="cpu")
+
+
+def test_run_with_a_planted_cue_reports_shortcut_reliance(tmp_path):
+    proc = tbkd("run", "--out", tmp_path / "run", "--preset", "smoke", "--n-train", 30, "--n-val", 20,
+                "--shortcut", 0.9, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    sc = json.loads((tmp_path / "run" / "report.json").read_text())["shortcut"]
+    assert sc["n_val"] == 20 and 0 < sc["n_with_cue"] < 20
+    assert 0.0 < sc["cue_region_area_share"] < 0.1 and sc["cue_margin"] == 0.05
+    for kind in ("teacher", "student"):
+        assert 0.0 <= sc[kind]["saliency_share_in_cue"] <= 1.0 and 0.0 <= sc[kind]["cue_pointing"] <= 1.0
+        assert 0.0 <= sc[kind]["accuracy_cue_disagrees"] <= 1.0
+    assert "saliency share in cue region" in (tmp_path / "run" / "report.md").read_text()

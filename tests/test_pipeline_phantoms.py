@@ -47,3 +47,12 @@ def test_peak_rss_is_the_runs_own_not_its_parents():
     ours, inherited = map(float, out.stdout.split())
     del ballast
     assert ours < inherited - 500, (ours, inherited)
+
+
+def test_cue_region_widens_the_tag_box_and_clips_to_the_image():
+    from tbkd_lib.pipeline import CUE_MARGIN, cue_region
+
+    assert CUE_MARGIN == 0.05
+    assert cue_region([10.0, 20.0, 17.0, 27.0], 160) == [2.0, 12.0, 25.0, 35.0]  # 8 px = 5 % of 160
+    assert cue_region([3.0, 2.0, 10.0, 9.0], 160) == [0.0, 0.0, 18.0, 17.0]
+    assert cue_region([150.0, 150.0, 158.0, 158.0], 160, margin=0.1) == [134.0, 134.0, 160.0, 160.0]
