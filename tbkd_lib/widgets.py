@@ -34,7 +34,8 @@ class ExplorerView:
 
 
 class Explorer:
-    """Models of a run directory (``teacher``, ``student``) and the scored val TB images."""
+    """Models of a run directory (``teacher``, ``student``) and the scored val TB images. Maps use
+    ``localize_config``, else the run's own (``report.json``), else :class:`LocalizeConfig` defaults."""
 
     def __init__(self, run_dir, data_root, image_size: int | None = None, max_images: int = 24,
                  device="cpu", localize_config=None):
@@ -55,6 +56,12 @@ class Explorer:
                 image_size = image_size or int(ckpt["config"]["image_size"])
         if not self.models:
             raise FileNotFoundError(f"{run_dir}: no teacher/best.pt or student/best.pt; train first")
+        if localize_config is None and (run_dir / "report.json").exists():
+            # the run's own scoring config, so maps (and the taus tuned for them) match the report
+            from .config import config_from_dict
+            from .io import read_json
+
+            localize_config = config_from_dict(LocalizeConfig, read_json(run_dir / "report.json")["config"]["localize"])
         self.cfg = localize_config or LocalizeConfig()
         records = load_records(data_root, "val")
         self.images, self.boxes, self.records = localization_inputs(records, image_size, max_images)

@@ -20,6 +20,7 @@ def test_explorer_panel_redraws_on_every_control(smoke_run):
     from tbkd_lib.widgets import Explorer, explorer
 
     ex = Explorer(smoke_run, smoke_run / "data", max_images=4, device="cpu")
+    assert ex.cfg.methods == ("gradcam",) and ex.cfg.max_images == 8  # the smoke run's own scoring config
     panel = explorer(ex)
     image, controls = panel.image, panel.controls
     assert image.value[:8] == b"\x89PNG\r\n\x1a\n"
