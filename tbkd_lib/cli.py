@@ -113,7 +113,7 @@ def cmd_localize(args) -> int:
 
     result = localize_split(args.data, args.checkpoint, args.split, args.out, methods=args.method or ["gradcam"],
                             tau=args.tau, device=args.device, max_images=args.max_images,
-                            on_error=args.on_error)
+                            on_error=args.on_error, preset=args.preset, overrides=_overrides(args.set))
     for method, m in result.items():
         print(f"localize: {method} mIoU={m['miou']:.4f} [{m['miou_ci95'][0]:.4f}, {m['miou_ci95'][1]:.4f}] "
               f"tau={m['tau']:.3f} n_images={m['n_images']}")
@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    p.add_argument("--preset", help="score with this preset's localization budget (what `tbkd run --preset` "
+                                    "uses); default: LocalizeConfig's defaults")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="a LocalizeConfig field (repeatable)")
     p.set_defaults(func=cmd_localize)
 
     p = sub.add_parser("run", help="the whole job: (phantoms) -> teacher -> student -> localization -> report")

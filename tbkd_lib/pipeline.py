@@ -512,15 +512,20 @@ def score_like_run(run_dir, checkpoint, methods=("gradcam",), device="auto", dat
 
 
 def localize_split(data, checkpoint, split: str, out, methods=("gradcam",), tau="auto", device="auto",
-                   max_images=None, on_error="raise") -> dict:
+                   max_images=None, on_error="raise", preset: str | None = None,
+                   overrides: dict | None = None) -> dict:
     """``tbkd localize``: score one checkpoint on one split → ``out/localization.json`` keyed by method.
 
     ``tau="auto"`` tunes on TB images of the OTHER split (``train`` when scoring ``val``/``test``,
     else ``val``), never on the scored one. Other ``tau`` specs: ``otsu``, ``pNN``, a float.
+    ``preset``: start from that preset's localization budget (method options, ``amp``, faithfulness
+    steps; what ``tbkd run --preset`` scores with) instead of :class:`LocalizeConfig`'s defaults;
+    ``overrides``: further ``LocalizeConfig`` fields. ``methods``/``tau``/``max_images`` win over both.
     """
     from .checkpoint import load_model
     from .data import load_records
     from .evaluation import LocalizeConfig, evaluate_localization
+    from .presets import get_preset
 
     dev = _resolve_device(device)
     model, ckpt = load_model(checkpoint, device=dev)
@@ -530,7 +535,10 @@ def localize_split(data, checkpoint, split: str, out, methods=("gradcam",), tau=
         tau_spec = float(tau)
     except (TypeError, ValueError):
         tau_spec = tau
-    lcfg = LocalizeConfig(methods=tuple(methods), tau=tau_spec, max_images=max_images)
+    base = get_preset(preset).localize if preset else LocalizeConfig()
+    lcfg = replace_config(base, **(overrides or {}))
+    lcfg = replace_config(lcfg, methods=tuple(methods), tau=tau_spec, max_images=max_images)
+    max_images = lcfg.max_images
     records = load_records(data, split, on_error=on_error)
     images, boxes, kept = localization_inputs(records, size, max_images, lcfg.seed)
     calibration = None

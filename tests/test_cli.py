@@ -101,6 +101,18 @@ def test_localize_writes_json(smoke_run, phantoms, tmp_path):
     assert loc["tau"] == 0.5 and loc["n_images"] > 0
 
 
+def test_localize_with_a_preset_budget_and_set(smoke_run, phantoms, tmp_path):
+    proc = tbkd("localize", "--data", phantoms, "--checkpoint", smoke_run / "teacher" / "best.pt",
+                "--out", tmp_path, "--method", "gradcam", "--preset", "smoke", "--set", "n_boot=20")
+    assert proc.returncode == 0, proc.stderr
+    loc = json.loads((tmp_path / "localization.json").read_text())["gradcam"]
+    assert 0 < loc["n_images"] <= 8  # the smoke preset's max_images (films without a box are not scored)
+    bad = tbkd("localize", "--data", phantoms, "--checkpoint", smoke_run / "teacher" / "best.pt",
+               "--out", tmp_path / "bad", "--set", "n_bootstrap=20")
+    assert bad.returncode != 0 and "n_bootstrap" in bad.stderr
+    assert not (tmp_path / "bad" / "localization.json").exists()
+
+
 def test_predict_png_dicom_and_bad_file(smoke_run, phantoms, dicom_monochrome1, tmp_path):
     png = next((phantoms / "imgs" / "tb").glob("*.png"))
     dcm = dicom_monochrome1
