@@ -5,7 +5,12 @@ that is AMX-BF16 or AVX512-BF16; elsewhere oneDNN emulates bf16 and autocast is 
 Measured on the project's machines (ResNet-18 training step, 224 px, batch 16, 2 cores, torch 2.14):
 
 * Intel Xeon with AMX-BF16: bf16 autocast + channels-last 43-49 img/s vs fp32 NCHW 16-18 (x2.7);
+* AMD EPYC with AVX-512 and AVX512-BF16 (160 px, batch 32): bf16 autocast + channels-last 121-127
+  img/s vs fp32 NCHW 44-47 (x2.7);
 * AMD EPYC with AVX2 only (no AVX-512): bf16 autocast 0.6 img/s vs fp32 7.8 img/s (x0.08).
+
+A run's numbers depend on which precision it trained in (bf16 and fp32 take different trajectories),
+so ``tbkd run`` records :func:`cpu_model` and the precision in ``report.json``.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_has_native_bf16", "cpu_features"]
+__all__ = ["cpu_has_native_bf16", "cpu_features", "cpu_model"]
 
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -46,3 +51,17 @@ def cpu_features() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (else ``platform.processor()`` or the machine type)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

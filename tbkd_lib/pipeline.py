@@ -156,6 +156,8 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
     """
     from .checkpoint import load_model
     from .data import ImageCache, boxes_to_size, generate_phantoms, load_records
+    from .hardware import cpu_has_native_bf16, cpu_model
+    from .train import amp_dtype
     from .distill import distill
     from .evaluation import evaluate_localization, evaluate_prior_baseline
     from .locmetrics import centre_box_saliency, paired_difference, prior_map
@@ -248,8 +250,9 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
     timer.seconds["total"] = round(time.perf_counter() - t_total, 2)
     report["timing"] = timer.seconds
     report["environment"] = {"torch": torch.__version__, "device": str(device), "python": platform.python_version(),
-                             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                             "peak_rss_mb": _peak_rss_mb()}
+                             "cpu": cpu_model(), "cpu_native_bf16": cpu_has_native_bf16(),
+                             "train_precision": str(amp_dtype(tcfg, device) or torch.float32).replace("torch.", ""),
+                             "threads": torch.get_num_threads(), "peak_rss_mb": _peak_rss_mb()}
     report = to_jsonable(report)  # what the caller gets is exactly what report.json holds
     write_json(out / "report.json", report)
     write_report_md(report, out / "report.md")
@@ -419,6 +422,10 @@ def write_report_md(report: dict, path) -> None:
     lines += [f"Data: `{d.get('root')}` — {d.get('n_train')} train / {d.get('n_val')} val images; "
               f"localization scored on {d.get('n_val_tb_scored')} val TB images with boxes; "
               f"tau tuned on {d.get('tau_calibration')}.", ""]
+    env = report.get("environment", {})
+    if env.get("train_precision"):
+        lines += [f"Trained in {env['train_precision']} on {env.get('device')} ({env.get('cpu')}, "
+                  f"{env.get('threads')} threads, torch {env.get('torch')}).", ""]
     lines += ["## Classification (val)", "", "| model | accuracy | AUC (TB vs rest) | sensitivity | specificity |",
               "|---|---|---|---|---|"]
     for kind in ("teacher", "student"):

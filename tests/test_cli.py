@@ -150,7 +150,14 @@ def test_run_smoke_writes_report(tmp_path):
     diff = report["comparison"]["student_minus_teacher_miou"]["gradcam"]
     assert diff["n"] == report["teacher"]["localization"]["gradcam"]["n_images"]
     assert set(report["timing"]) >= {"phantoms", "teacher", "student", "total"}
-    assert (tmp_path / "run" / "report.md").read_text().startswith("# tbkd run report")
+    from tbkd_lib.hardware import cpu_has_native_bf16
+
+    env = report["environment"]
+    assert env["cpu_native_bf16"] == cpu_has_native_bf16() and env["cpu"]
+    # the smoke preset trains with amp="auto": bf16 exactly where the CPU has native bf16
+    assert env["train_precision"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert md.startswith("# tbkd run report") and f"Trained in {env['train_precision']}" in md
     assert report["overlays"] and (tmp_path / "run" / report["overlays"][0]).exists()
 
 
