@@ -351,17 +351,20 @@ def bench_train(cfg: BenchConfig, device: torch.device, rows: list, log) -> dict
 
 # ---------------------------------------------------------------------------------- 2. localization
 def _phantoms(cfg: BenchConfig, out: Path, rows: list, log) -> Path:
+    """The benchmark's phantom set (``out/data``, kept between runs) and a phantom-generation row,
+    timed on every run: into ``out/data`` when it is new, else into a temporary directory."""
     from tbkd_lib.data import generate_phantoms
 
     data = out / "data"
-    if not (data / "truth.json").exists():
+    n = cfg.data_train + cfg.data_val
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        target = Path(tmp) / "data" if (data / "truth.json").exists() else data
         t0 = time.perf_counter()
-        generate_phantoms(data, n_train=cfg.data_train, n_val=cfg.data_val, seed=0, progress=False)
+        generate_phantoms(target, n_train=cfg.data_train, n_val=cfg.data_val, seed=0, progress=False)
         seconds = time.perf_counter() - t0
-        n = cfg.data_train + cfg.data_val
-        rows.append(_row("data", "phantom generation, 512 px PNG, one process", n / seconds, "img/s",
-                         repeats=1, note=f"{n} images written in {seconds:.1f} s"))
-        log(f"phantoms: {n / seconds:.1f} img/s")
+    rows.append(_row("data", "phantom generation, 512 px PNG, one process", n / seconds, "img/s",
+                     repeats=1, note=f"{n} images written in {seconds:.1f} s"))
+    log(f"phantoms: {n / seconds:.1f} img/s")
     return data
 
 
