@@ -301,14 +301,13 @@ def fast_dtype(device: torch.device) -> torch.dtype:
 
 def bench_train(cfg: BenchConfig, device: torch.device, rows: list, log) -> dict:
     dtype = fast_dtype(device)
+    fast_name = "fp32" if dtype == torch.float32 else str(dtype).removeprefix("torch.")
     n = 512 if cfg.smoke else (4096 if device.type == "cuda" else 2048)
-    routes = {"fp32": gemm_rates(torch.float32, device, n, cfg.repeats)}
-    if dtype != torch.float32:
-        routes[str(dtype)[6:]] = gemm_rates(dtype, device, n, cfg.repeats)
-    peak = {"fp32": max(routes["fp32"].values())}
-    peak["fast"] = max(routes[str(dtype)[6:]].values()) if dtype != torch.float32 else peak["fp32"]
-    for name in sorted(routes, key=lambda k: k == "fp32"):
-        r = routes[name]
+    routes = {fast_name: gemm_rates(dtype, device, n, cfg.repeats)}
+    if fast_name != "fp32":
+        routes["fp32"] = gemm_rates(torch.float32, device, n, cfg.repeats)
+    peak = {"fast": max(routes[fast_name].values()), "fp32": max(routes["fp32"].values())}
+    for name, r in routes.items():
         best = max(r, key=r.get)
         log(f"matmul {n}x{n} {name}: torch.mm {r['mm'] / 1e9:.0f} GFLOP/s, 1x1 conv {r['conv1x1'] / 1e9:.0f}")
         rows.append(_row("train", f"dense {n}×{n} matmul peak, {name}", r[best] / 1e9, "GFLOP/s",
@@ -328,7 +327,7 @@ def bench_train(cfg: BenchConfig, device: torch.device, rows: list, log) -> dict
             ours, plain = batch / med(t["ours"]), batch / med(t["plain"])
             limit = peak["fast"] / flops
             frac = ours / limit
-            note = (f"{flops / 1e9:.1f} GFLOP/img fwd+bwd; limit {limit:.1f} img/s ({str(dtype)[6:]} matmul); "
+            note = (f"{flops / 1e9:.1f} GFLOP/img fwd+bwd; limit {limit:.1f} img/s ({fast_name} matmul); "
                     f"ours {100 * frac:.0f} % of it; plain fp32 {100 * plain / (peak['fp32'] / flops):.0f} % of "
                     "the fp32 limit")
             if dtype == torch.float32:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_has_native_bf16", "cpu_features", "cpu_model"]
+__all__ = ["bf16_is_native", "cpu_has_native_bf16", "cpu_features", "cpu_model"]
 
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -41,27 +41,36 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in cpu_features() for flag in _BF16_FLAGS)
 
 
+def bf16_is_native(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 natively: a GPU that supports it, or a CPU with
+    :func:`cpu_has_native_bf16`. The one rule behind ``amp="auto"`` in training
+    (:func:`tbkd_lib.train.amp_dtype`) and attribution (:func:`tbkd_lib.localize.amp_dtype_for`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()  # emulated bf16 is slower than fp32
+
+
+def _cpuinfo(key: str) -> str | None:
+    """The value of the first ``key`` line of ``/proc/cpuinfo`` (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_features() -> frozenset[str]:
     """The CPU flags of ``/proc/cpuinfo`` (empty where it cannot be read, e.g. not Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset((_cpuinfo("flags") or "").split())
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_model() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` (else ``platform.processor()`` or the machine type)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()

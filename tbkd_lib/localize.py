@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .hardware import cpu_has_native_bf16
+from .hardware import bf16_is_native
 
 __all__ = ["attribute", "gradcam_raw", "upsample", "gaussian_blur", "METHODS", "Method",
            "default_smooth_sigma", "hooks_released", "count_hooks", "amp_dtype_for", "fast_path"]
@@ -69,7 +69,7 @@ __all__ = ["attribute", "gradcam_raw", "upsample", "gaussian_blur", "METHODS", "
 # --------------------------------------------------------------------------------------------------
 def amp_dtype_for(amp: str, device: torch.device | str) -> torch.dtype | None:
     """Autocast dtype for attribution: ``amp`` is ``"none"``, ``"bf16"`` or ``"auto"`` (bf16 on a GPU
-    that supports it and on a CPU where bf16 is native, :func:`tbkd_lib.hardware.cpu_has_native_bf16`;
+    that supports it and on a CPU where bf16 is native, :func:`tbkd_lib.hardware.bf16_is_native`;
     else none — fp16 is never used: input gradients underflow)."""
     device = torch.device(device)
     if amp == "none":
@@ -78,11 +78,7 @@ def amp_dtype_for(amp: str, device: torch.device | str) -> torch.dtype | None:
         return torch.bfloat16
     if amp != "auto":
         raise ConfigError(f"amp: expected 'none', 'bf16' or 'auto', got {amp!r}")
-    if device.type == "cpu" and cpu_has_native_bf16():  # emulated bf16 is slower than fp32
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+    return torch.bfloat16 if bf16_is_native(device) else None
 
 
 @contextlib.contextmanager

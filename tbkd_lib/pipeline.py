@@ -40,7 +40,7 @@ from .io import atomic_write_text, read_json, to_jsonable, write_json
 REPORT_VERSION = 3
 
 __all__ = ["REPORT_VERSION", "RunConfig", "run_pipeline", "localization_inputs", "classification_on_split",
-           "score_like_run", "write_report_md"]
+           "run_localize_config", "score_like_run", "write_report_md"]
 
 
 @dataclass(frozen=True)
@@ -156,13 +156,12 @@ def run_pipeline(config: RunConfig = RunConfig(), data=None, out="runs/main", te
     """
     from .checkpoint import load_model
     from .data import ImageCache, boxes_to_size, generate_phantoms, load_records
-    from .hardware import cpu_has_native_bf16, cpu_model
-    from .train import amp_dtype
     from .distill import distill
     from .evaluation import evaluate_localization, evaluate_prior_baseline
+    from .hardware import cpu_has_native_bf16, cpu_model
     from .locmetrics import centre_box_saliency, paired_difference, prior_map
     from .presets import get_preset
-    from .train import fit
+    from .train import amp_dtype, fit
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -474,6 +473,14 @@ def write_report_md(report: dict, path) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def run_localize_config(report: dict):
+    """The :class:`~tbkd_lib.evaluation.LocalizeConfig` a finished run scored with (``report.json``)."""
+    from .config import config_from_dict
+    from .evaluation import LocalizeConfig
+
+    return config_from_dict(LocalizeConfig, report["config"]["localize"])
+
+
 def score_like_run(run_dir, checkpoint, methods=("gradcam",), device="auto", data=None,
                    faithfulness: bool = False) -> dict:
     """Score another checkpoint exactly as the finished run in ``run_dir`` scored its own models.
@@ -488,18 +495,17 @@ def score_like_run(run_dir, checkpoint, methods=("gradcam",), device="auto", dat
     than the run's teacher is a :class:`ConfigError` (its maps would be scored on other pixels).
     """
     from .checkpoint import load_model
+    from .config import config_from_dict
     from .data import ImageCache, load_records
     from .errors import ConfigError
-    from .evaluation import LocalizeConfig, evaluate_localization
-    from .config import config_from_dict
+    from .evaluation import evaluate_localization
 
     report_path = Path(run_dir) / "report.json"
     if not report_path.exists():
         raise ConfigError(f"{report_path}: no report; finish the run first (tbkd run --out {run_dir})")
     report = read_json(report_path)
     run = config_from_dict(RunConfig, report["config"]["run"])
-    lcfg = replace_config(config_from_dict(LocalizeConfig, report["config"]["localize"]),
-                          methods=tuple(methods), faithfulness=bool(faithfulness))
+    lcfg = replace_config(run_localize_config(report), methods=tuple(methods), faithfulness=bool(faithfulness))
     size = int(report["config"]["teacher"]["image_size"])
     dev = _resolve_device(device)
     model, ckpt = load_model(checkpoint, device=dev)

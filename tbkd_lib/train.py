@@ -49,7 +49,7 @@ from .data.records import class_names
 from .distributed import (DistInfo, broadcast_object, cleanup_distributed, gather_predictions,
                           setup_distributed)
 from .errors import ConfigError, TbkdError
-from .hardware import cpu_has_native_bf16
+from .hardware import bf16_is_native
 from .io import append_jsonl, atomic_write_bytes, atomic_write_text, read_json, read_jsonl, write_json
 from .metrics import classification_metrics
 
@@ -151,11 +151,9 @@ def amp_dtype(config, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if config.amp == "fp16":
         return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():  # emulated bf16 is slower than fp32
+    if bf16_is_native(device):
         return torch.bfloat16
-    return None
+    return torch.float16 if device.type == "cuda" else None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -42,7 +42,8 @@ class Explorer:
         from .checkpoint import load_model
         from .data import load_records
         from .evaluation import LocalizeConfig
-        from .pipeline import localization_inputs
+        from .io import read_json
+        from .pipeline import localization_inputs, run_localize_config
 
         run_dir = Path(run_dir)
         self.device = torch.device(device)
@@ -58,10 +59,7 @@ class Explorer:
             raise FileNotFoundError(f"{run_dir}: no teacher/best.pt or student/best.pt; train first")
         if localize_config is None and (run_dir / "report.json").exists():
             # the run's own scoring config, so maps (and the taus tuned for them) match the report
-            from .config import config_from_dict
-            from .io import read_json
-
-            localize_config = config_from_dict(LocalizeConfig, read_json(run_dir / "report.json")["config"]["localize"])
+            localize_config = run_localize_config(read_json(run_dir / "report.json"))
         self.cfg = localize_config or LocalizeConfig()
         records = load_records(data_root, "val")
         self.images, self.boxes, self.records = localization_inputs(records, image_size, max_images)
