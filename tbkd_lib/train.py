@@ -5,7 +5,10 @@
 * ``config.json`` — the :class:`TrainConfig`; ``metrics.jsonl`` — one line per epoch (``epoch`` counts from
   1; ``train_loss``, ``lr``, ``val_loss``, ``accuracy``, ``auc_tb``, ``sensitivity``, ``specificity``,
   ``precision_macro``, ``recall_macro``, ``confusion_matrix``, ``seconds``, ``train_img_per_s``, ``best``);
-* ``last.pt`` after every epoch and ``best.pt`` when the monitored validation metric improves (atomic);
+* ``last.pt`` after every epoch (the full state a resume needs: model, optimizer, scheduler, scaler,
+  RNG) and ``best.pt`` when the monitored validation metric improves, both atomic; ``best.pt`` and the
+  ``epoch{N}.pt`` snapshots hold the weights and metadata only (:func:`weights_only_state`), a third
+  of a full checkpoint, since they are loaded for inference and distillation, never resumed from;
 * at the end ``summary.json`` (what ``fit`` returns) and ``val_predictions.json`` (labels and
   probabilities of the best model on the validation split, for ROC plots).
 
@@ -54,7 +57,7 @@ from .io import append_jsonl, atomic_write_bytes, atomic_write_text, read_json, 
 from .metrics import classification_metrics
 
 __all__ = ["TrainConfig", "StepLoss", "SupervisedLoss", "train_one_epoch", "evaluate", "fit",
-           "build_optimizer", "build_scheduler", "amp_dtype", "epoch_seed"]
+           "build_optimizer", "build_scheduler", "amp_dtype", "epoch_seed", "weights_only_state"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ class TrainConfig:
     ``n_boot`` (bootstrap resamples for the final CIs; per-epoch evaluation uses none),
     ``max_train_batches`` (None; a smoke-test knob), ``progress`` (None = tqdm's TTY detection).
     ``snapshot_epochs``: epochs whose model is also kept as ``epoch{N}.pt`` (e.g. an early, weakly
-    trained model to compare with the final one; the checkpoint format of ``last.pt``).
+    trained model to compare with the final one; weights and metadata, as ``best.pt``).
     """
 
     arch: str = "resnet18"
@@ -130,6 +133,17 @@ _OPERATIONAL = {"progress", "num_workers", "device", "eval_batch_size", "n_boot"
 
 
 # ------------------------------------------------------------------------------------- helpers
+_RESUME_ONLY = ("optimizer", "lr_scheduler", "scaler", "rng")
+
+
+def weights_only_state(state: dict) -> dict:
+    """``state`` without what only a resume reads (optimizer, scheduler, scaler, RNG): the ``best.pt`` shape.
+
+    ``load_model`` and ``distill`` read ``model``, ``model_spec`` and ``config``; all metadata is kept.
+    """
+    return {k: v for k, v in state.items() if k not in _RESUME_ONLY}
+
+
 def epoch_seed(seed: int, epoch: int, stream: str = "train") -> int:
     """A 63-bit seed that depends only on ``(seed, epoch, stream)``."""
     digest = hashlib.blake2b(f"{stream}/{seed}/{epoch}".encode(), digest_size=8).digest()
@@ -671,12 +685,13 @@ def _run(config, data, run_dir, resume, kind, build, prepare, info, device, stop
                      "rng": get_rng_state(), "best_metric": best_metric, "best_epoch": best_epoch,
                      "monitor": config.monitor, "bad_epochs": bad_epochs, "stopped": stopped, "kind": kind,
                      "data": data_root, "val_metrics": {k: val.get(k) for k in _ROW_METRICS}}
-            blob = serialize_checkpoint(state)  # serialised once, written (atomically) once or twice
-            if improved:
-                atomic_write_bytes(run_dir / "best.pt", blob)
-            atomic_write_bytes(run_dir / "last.pt", blob)
-            if epoch in config.snapshot_epochs:
-                atomic_write_bytes(run_dir / f"epoch{epoch}.pt", blob)
+            atomic_write_bytes(run_dir / "last.pt", serialize_checkpoint(state))
+            if improved or epoch in config.snapshot_epochs:
+                blob = serialize_checkpoint(weights_only_state(state))  # serialised once, written once or twice
+                if improved:
+                    atomic_write_bytes(run_dir / "best.pt", blob)
+                if epoch in config.snapshot_epochs:
+                    atomic_write_bytes(run_dir / f"epoch{epoch}.pt", blob)
             _epoch_line(config, info, kind, row, value)
         if stop_after is not None and epoch >= stop_after and epoch < config.epochs:
             return {"interrupted": True, "epochs_run": epoch, "run_dir": str(run_dir)}

@@ -195,6 +195,13 @@ def test_snapshot_epochs_keep_an_early_model(tmp_path):
     fit(cfg, tiny_data(), tmp_path / "r")
     snap, last = load_checkpoint(tmp_path / "r" / "epoch1.pt"), load_checkpoint(tmp_path / "r" / "last.pt")
     assert snap["epoch"] == 1 and last["epoch"] == 3
+    # snapshots and best.pt carry weights and metadata, not the resume state (a third of the bytes)
+    best = load_checkpoint(tmp_path / "r" / "best.pt")
+    for lean in (snap, best):
+        assert not {"optimizer", "lr_scheduler", "scaler", "rng"} & set(lean)
+        assert {"model", "model_spec", "config", "epoch", "kind", "best_epoch"} <= set(lean)
+    assert {"optimizer", "lr_scheduler", "scaler", "rng"} <= set(last)
+    assert (tmp_path / "r" / "best.pt").stat().st_size < 0.6 * (tmp_path / "r" / "last.pt").stat().st_size
     assert not (tmp_path / "r" / "epoch2.pt").exists() and not (tmp_path / "r" / "epoch3.pt").exists()
     assert any(not torch.equal(snap["model"][k], last["model"][k]) for k in last["model"])
     with pytest.raises(ConfigError, match="snapshot_epochs"):
