@@ -111,9 +111,10 @@ def cmd_distill(args) -> int:
 def cmd_localize(args) -> int:
     from .pipeline import localize_split
 
+    fields = _with_flags(dict(tau=args.tau, max_images=args.max_images), args.set)  # --tau and --set tau agree
     result = localize_split(args.data, args.checkpoint, args.split, args.out, methods=args.method or ["gradcam"],
-                            tau=args.tau, device=args.device, max_images=args.max_images,
-                            on_error=args.on_error, preset=args.preset, overrides=_overrides(args.set))
+                            tau=fields.pop("tau"), device=args.device, max_images=fields.pop("max_images"),
+                            on_error=args.on_error, preset=args.preset, overrides=fields)
     for method, m in result.items():
         print(f"localize: {method} mIoU={m['miou']:.4f} [{m['miou_ci95'][0]:.4f}, {m['miou_ci95'][1]:.4f}] "
               f"tau={m['tau']:.3f} n_images={m['n_images']}")
@@ -227,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--out", required=True)
     p.add_argument("--method", action="append", help="attribution method (repeatable; default gradcam)")
-    p.add_argument("--tau", default="auto", help="auto (tuned on the other split) | otsu | pNN | FLOAT")
+    p.add_argument("--tau", type=_parse_value, help="auto (tuned on the other split) | otsu | pNN | FLOAT; default: the "
+                                     "preset's or --set's tau, else auto")
     p.add_argument("--max-images", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise")

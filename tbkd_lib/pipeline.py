@@ -524,7 +524,7 @@ def score_like_run(run_dir, checkpoint, methods=("gradcam",), device="auto", dat
                                      calibration=(cal_images.to(dev), cal_boxes)) for m in methods}
 
 
-def localize_split(data, checkpoint, split: str, out, methods=("gradcam",), tau="auto", device="auto",
+def localize_split(data, checkpoint, split: str, out, methods=("gradcam",), tau=None, device="auto",
                    max_images=None, on_error="raise", preset: str | None = None,
                    overrides: dict | None = None) -> dict:
     """``tbkd localize``: score one checkpoint on one split → ``out/localization.json`` keyed by method.
@@ -533,7 +533,8 @@ def localize_split(data, checkpoint, split: str, out, methods=("gradcam",), tau=
     else ``val``), never on the scored one. Other ``tau`` specs: ``otsu``, ``pNN``, a float.
     ``preset``: start from that preset's localization budget (method options, ``amp``, faithfulness
     steps; what ``tbkd run --preset`` scores with) instead of :class:`LocalizeConfig`'s defaults;
-    ``overrides``: further ``LocalizeConfig`` fields. ``methods``/``tau``/``max_images`` win over both.
+    ``overrides``: further ``LocalizeConfig`` fields. ``methods``, and ``tau``/``max_images`` when not
+    None, win over both (``tau=None``: the preset's or overrides' ``tau``, else ``"auto"``).
     """
     from .checkpoint import load_model
     from .data import load_records
@@ -555,7 +556,7 @@ def localize_split(data, checkpoint, split: str, out, methods=("gradcam",), tau=
     records = load_records(data, split, on_error=on_error)
     images, boxes, kept = localization_inputs(records, size, max_images, lcfg.seed)
     calibration = None
-    if tau_spec == "auto":
+    if lcfg.tau == "auto":
         cal_split = "val" if split.endswith("train") else "train"
         cal_records = load_records(data, split.replace(split.split("_")[-1], cal_split), on_error=on_error)
         cal_images, cal_boxes, _ = localization_inputs(cal_records, size, 64, lcfg.seed)

@@ -7,7 +7,7 @@
   ``precision_macro``, ``recall_macro``, ``confusion_matrix``, ``seconds``, ``train_img_per_s``, ``best``);
 * ``last.pt`` after every epoch (the full state a resume needs: model, optimizer, scheduler, scaler,
   RNG) and ``best.pt`` when the monitored validation metric improves, both atomic; ``best.pt`` and the
-  ``epoch{N}.pt`` snapshots hold the weights and metadata only (:func:`weights_only_state`), a third
+  ``epoch{N}.pt`` snapshots hold the weights and metadata only (:func:`without_resume_state`), a third
   of a full checkpoint, since they are loaded for inference and distillation, never resumed from;
 * at the end ``summary.json`` (what ``fit`` returns) and ``val_predictions.json`` (labels and
   probabilities of the best model on the validation split, for ROC plots).
@@ -57,7 +57,7 @@ from .io import append_jsonl, atomic_write_bytes, atomic_write_text, read_json, 
 from .metrics import classification_metrics
 
 __all__ = ["TrainConfig", "StepLoss", "SupervisedLoss", "train_one_epoch", "evaluate", "fit",
-           "build_optimizer", "build_scheduler", "amp_dtype", "epoch_seed", "weights_only_state"]
+           "build_optimizer", "build_scheduler", "amp_dtype", "epoch_seed", "without_resume_state"]
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ _OPERATIONAL = {"progress", "num_workers", "device", "eval_batch_size", "n_boot"
 _RESUME_ONLY = ("optimizer", "lr_scheduler", "scaler", "rng")
 
 
-def weights_only_state(state: dict) -> dict:
+def without_resume_state(state: dict) -> dict:
     """``state`` without what only a resume reads (optimizer, scheduler, scaler, RNG): the ``best.pt`` shape.
 
     ``load_model`` and ``distill`` read ``model``, ``model_spec`` and ``config``; all metadata is kept.
@@ -687,7 +687,7 @@ def _run(config, data, run_dir, resume, kind, build, prepare, info, device, stop
                      "data": data_root, "val_metrics": {k: val.get(k) for k in _ROW_METRICS}}
             atomic_write_bytes(run_dir / "last.pt", serialize_checkpoint(state))
             if improved or epoch in config.snapshot_epochs:
-                blob = serialize_checkpoint(weights_only_state(state))  # serialised once, written once or twice
+                blob = serialize_checkpoint(without_resume_state(state))  # serialised once, written once or twice
                 if improved:
                     atomic_write_bytes(run_dir / "best.pt", blob)
                 if epoch in config.snapshot_epochs:

@@ -111,6 +111,15 @@ def test_localize_with_a_preset_budget_and_set(smoke_run, phantoms, tmp_path):
                "--out", tmp_path / "bad", "--set", "n_bootstrap=20")
     assert bad.returncode != 0 and "n_bootstrap" in bad.stderr
     assert not (tmp_path / "bad" / "localization.json").exists()
+    # --set tau is used when --tau is not given, and the two must agree when both are
+    fixed = tbkd("localize", "--data", phantoms, "--checkpoint", smoke_run / "teacher" / "best.pt",
+                 "--out", tmp_path / "fixed", "--preset", "smoke", "--set", "tau=0.4")
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads((tmp_path / "fixed" / "localization.json").read_text())["gradcam"]["tau"] == 0.4
+    clash = tbkd("localize", "--data", phantoms, "--checkpoint", smoke_run / "teacher" / "best.pt",
+                 "--out", tmp_path / "clash", "--tau", "0.5", "--set", "tau=0.4")
+    assert clash.returncode != 0 and "tau given twice" in clash.stderr
+    assert not (tmp_path / "clash" / "localization.json").exists()
 
 
 def test_predict_png_dicom_and_bad_file(smoke_run, phantoms, dicom_monochrome1, tmp_path):
