@@ -685,13 +685,16 @@ def _run(config, data, run_dir, resume, kind, build, prepare, info, device, stop
                      "rng": get_rng_state(), "best_metric": best_metric, "best_epoch": best_epoch,
                      "monitor": config.monitor, "bad_epochs": bad_epochs, "stopped": stopped, "kind": kind,
                      "data": data_root, "val_metrics": {k: val.get(k) for k in _ROW_METRICS}}
-            atomic_write_bytes(run_dir / "last.pt", serialize_checkpoint(state))
+            # best.pt (and a snapshot) BEFORE last.pt: a run killed between the two resumes from the previous
+            # last.pt and redoes this epoch; the other order would resume with best_epoch = this epoch while
+            # best.pt still held an older one
             if improved or epoch in config.snapshot_epochs:
                 blob = serialize_checkpoint(without_resume_state(state))  # serialised once, written once or twice
                 if improved:
                     atomic_write_bytes(run_dir / "best.pt", blob)
                 if epoch in config.snapshot_epochs:
                     atomic_write_bytes(run_dir / f"epoch{epoch}.pt", blob)
+            atomic_write_bytes(run_dir / "last.pt", serialize_checkpoint(state))
             _epoch_line(config, info, kind, row, value)
         if stop_after is not None and epoch >= stop_after and epoch < config.epochs:
             return {"interrupted": True, "epochs_run": epoch, "run_dir": str(run_dir)}

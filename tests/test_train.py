@@ -206,3 +206,47 @@ def test_snapshot_epochs_keep_an_early_model(tmp_path):
     assert any(not torch.equal(snap["model"][k], last["model"][k]) for k in last["model"])
     with pytest.raises(ConfigError, match="snapshot_epochs"):
         tiny_config(snapshot_epochs=(0,))
+
+
+def test_a_crash_before_the_last_checkpoint_write_of_an_epoch_resumes_exactly(tmp_path, monkeypatch):
+    """A kill can land between an epoch's checkpoint writes (best.pt, epochN.pt, last.pt). Whatever the
+    order, a crash just before the epoch's final write must resume to the uninterrupted run's files."""
+    import io
+
+    from tbkd_lib import train
+
+    class Killed(BaseException):
+        pass
+
+    cfg = tiny_config(epochs=2, monitor="val_loss", snapshot_epochs=(2,))
+    real = train.atomic_write_bytes
+    epochs_written = []
+
+    def recording(path, data):
+        if str(path).endswith(".pt"):
+            epochs_written.append(torch.load(io.BytesIO(data), weights_only=True)["epoch"])
+        return real(path, data)
+
+    monkeypatch.setattr(train, "atomic_write_bytes", recording)
+    ref = fit(cfg, tiny_data(), tmp_path / "ref")
+    assert epochs_written.count(2) >= 2  # epoch 2 writes at least its snapshot and last.pt
+    crash_at = len(epochs_written) - 1 - epochs_written[::-1].index(2)  # epoch 2's final write
+    calls = []
+
+    def crashing(path, data):
+        if str(path).endswith(".pt"):
+            calls.append(path)
+            if len(calls) - 1 == crash_at:
+                raise Killed(path)
+        return real(path, data)
+
+    monkeypatch.setattr(train, "atomic_write_bytes", crashing)
+    with pytest.raises(Killed):
+        fit(cfg, tiny_data(), tmp_path / "run")
+    monkeypatch.setattr(train, "atomic_write_bytes", real)
+    again = fit(cfg, tiny_data(), tmp_path / "run", resume=True)
+    assert again["best_epoch"] == ref["best_epoch"] and again["best_val"] == ref["best_val"]
+    for name in ("best.pt", "epoch2.pt", "last.pt"):
+        a, b = load_checkpoint(tmp_path / "ref" / name), load_checkpoint(tmp_path / "run" / name)
+        assert (a["epoch"], a["best_epoch"]) == (b["epoch"], b["best_epoch"]), name
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
